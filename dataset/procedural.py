@@ -1,0 +1,528 @@
+"""The built-in procedural image-caption data set: coloured shapes on light backgrounds.
+
+Each image holds 1..max_shapes shapes, each with a kind (circle, square, ...), a colour, a size
+(small/large) and a coarse position (left/right/top/bottom/center); every image gets several
+differently worded captions that name exactly what is drawn. Everything is a pure function of
+(spec, seed): the same seed writes the same bytes in every PNG and JSON file.
+
+Layout written under the output folder:
+    images/{train,val,test}/NNNNNN.png
+    annotations/procedural_train.json       Karpathy train format (one entry per caption)
+    annotations/procedural_{val,test}.json  Karpathy eval format (captions_per_image each)
+    annotations/procedural_attributes.json  {rel_path: {"background", "objects": [{shape, colour, size, position}]}}
+    spec.json                                the spec and seed (written last: marks a complete set)
+
+Usage:
+    python -m dataset.procedural --output_dir data/procedural --seed 0
+    python -m dataset.procedural --output_dir data/procedural32 --resolution 32 --n_train 2000
+"""
+import argparse
+import dataclasses
+import io
+import json
+import math
+import random
+import re
+import shutil
+import sys
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageDraw
+from tqdm import tqdm
+
+from utils.atomic_io import atomic_write_json
+from utils.config import parse_args_with_recipe
+from utils.errors import InputError, fail
+from utils.seeding import derive_seed
+
+FORMAT_VERSION = 1
+SPLITS = ("train", "val", "test")
+
+# Saturated, well separated colours (names are the words used in captions).
+COLOUR_PALETTE = {
+    "red": (220, 30, 35),
+    "green": (30, 160, 60),
+    "blue": (30, 80, 220),
+    "yellow": (245, 205, 20),
+    "purple": (135, 45, 175),
+    "orange": (245, 120, 15),
+    "pink": (240, 105, 180),
+    "brown": (125, 75, 35),
+    "black": (25, 25, 25),
+    "cyan": (20, 190, 205),
+}
+# Backgrounds: (top colour, bottom colour); equal colours give a plain background.
+# Their names must not contain a colour or shape word, so captions parse unambiguously.
+BACKGROUND_PALETTE = {
+    "white": ((250, 250, 250), (250, 250, 250)),
+    "light grey": ((212, 212, 212), (212, 212, 212)),
+    "beige": ((238, 226, 198), (238, 226, 198)),
+    "grey gradient": ((196, 196, 196), (248, 248, 248)),
+    "cream gradient": ((232, 220, 190), (252, 250, 242)),
+}
+SHAPE_KINDS = ("circle", "square", "triangle", "star", "cross", "diamond", "hexagon")
+SIZES = ("small", "large")
+POSITIONS = ("left", "right", "top", "bottom", "center")
+
+# Centres and radii as fractions of the image side.
+_CENTRES = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
+            "center": (0.5, 0.5)}
+_RADII = {"small": 0.12, "large": 0.2}
+_OUTER = {"circle": 1.0, "square": 1.15, "triangle": 1.2, "star": 1.25, "cross": 1.15, "diamond": 1.2,
+          "hexagon": 1.05}
+
+
+@dataclass
+class ProceduralSpec:
+    """Options of the procedural data set; the defaults are the project's offline data set."""
+    resolution: int = 64
+    shapes: tuple = ("circle", "square", "triangle", "star", "cross")
+    colours: tuple = ("red", "green", "blue", "yellow", "purple", "orange")
+    backgrounds: tuple = ("white", "light grey", "beige", "grey gradient")
+    min_shapes: int = 1
+    max_shapes: int = 3
+    captions_per_image: int = 5
+    n_train: int = 4000
+    n_val: int = 500
+    n_test: int = 1000
+    supersample: int = 4  # draw at this multiple of the resolution, then box-downsample (anti-aliasing)
+
+    def __post_init__(self):
+        for name in ("shapes", "colours", "backgrounds"):
+            setattr(self, name, tuple(getattr(self, name)))
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise InputError naming the first bad option."""
+        if self.resolution < 16:
+            raise fail(f"procedural spec: resolution must be at least 16, got {self.resolution}")
+        for name, known in (("shapes", SHAPE_KINDS), ("colours", COLOUR_PALETTE), ("backgrounds", BACKGROUND_PALETTE)):
+            values = getattr(self, name)
+            if not values:
+                raise fail(f"procedural spec: {name} must not be empty")
+            unknown = [v for v in values if v not in known]
+            if unknown:
+                raise fail(f"procedural spec: unknown {name} {', '.join(unknown)}; known: {', '.join(known)}")
+            if len(set(values)) != len(values):
+                raise fail(f"procedural spec: {name} has repeats")
+        if not 1 <= self.min_shapes <= self.max_shapes <= 4:
+            raise fail(f"procedural spec: need 1 <= min_shapes <= max_shapes <= 4, got "
+                       f"{self.min_shapes}..{self.max_shapes}")
+        if self.max_shapes > len(self.shapes) * len(self.colours):
+            raise fail("procedural spec: max_shapes exceeds the number of distinct (colour, shape) pairs")
+        if self.captions_per_image < 1 or self.captions_per_image > len(_TEMPLATES):
+            raise fail(f"procedural spec: captions_per_image must be in 1..{len(_TEMPLATES)}")
+        for name in ("n_train", "n_val", "n_test"):
+            if getattr(self, name) < 1:
+                raise fail(f"procedural spec: {name} must be at least 1")
+        if self.supersample < 1:
+            raise fail("procedural spec: supersample must be at least 1")
+
+    def split_size(self, split: str) -> int:
+        return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
+
+    def to_dict(self) -> dict:
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "ProceduralSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise fail(f"procedural spec: unknown option(s) {', '.join(unknown)}")
+        return cls(**data)
+
+
+# ---------------------------------------------------------------- scene sampling
+
+def sample_scene(spec: ProceduralSpec, rng: random.Random) -> dict:
+    """Draw one scene: a background and non-overlapping objects with distinct (colour, shape) pairs."""
+    background = rng.choice(spec.backgrounds)
+    n = rng.randint(spec.min_shapes, spec.max_shapes)
+    while True:  # rejection sampling; a layout of small shapes always exists for n <= 4
+        positions = rng.sample(POSITIONS, n)
+        pairs = set()
+        objects = []
+        while len(objects) < n:
+            shape, colour = rng.choice(spec.shapes), rng.choice(spec.colours)
+            if (shape, colour) in pairs:
+                continue
+            pairs.add((shape, colour))
+            objects.append({"shape": shape, "colour": colour, "size": rng.choice(SIZES),
+                            "position": positions[len(objects)]})
+        placed = [_place(o, rng) for o in objects]
+        if _no_overlap(placed):
+            break
+    for o, (cx, cy, r, angle) in zip(objects, placed):
+        o["geometry"] = (cx, cy, r, angle)
+    return {"background": background, "objects": objects}
+
+
+def _place(obj, rng):
+    cx, cy = _CENTRES[obj["position"]]
+    jitter = 0.03
+    cx += rng.uniform(-jitter, jitter)
+    cy += rng.uniform(-jitter, jitter)
+    r = _RADII[obj["size"]] * rng.uniform(0.92, 1.08)
+    angle = 0.0 if obj["shape"] == "circle" else rng.uniform(-15.0, 15.0)
+    return cx, cy, r, angle
+
+
+def _no_overlap(placed) -> bool:
+    for i in range(len(placed)):
+        for j in range(i + 1, len(placed)):
+            (x1, y1, r1, _), (x2, y2, r2, _) = placed[i], placed[j]
+            if math.hypot(x1 - x2, y1 - y2) < 1.2 * (r1 + r2):
+                return False
+    return True
+
+
+# ---------------------------------------------------------------- drawing
+
+def _polygon(kind, cx, cy, r, angle_deg):
+    """Vertices of a shape of radius ~r around (cx, cy), rotated by angle_deg."""
+    if kind == "square":
+        pts = [(math.radians(45 + 90 * k), 1.15 * r) for k in range(4)]
+    elif kind == "diamond":
+        pts = [(math.radians(90 * k), 1.2 * r) for k in range(4)]
+    elif kind == "triangle":
+        pts = [(math.radians(-90 + 120 * k), 1.2 * r) for k in range(3)]
+    elif kind == "hexagon":
+        pts = [(math.radians(60 * k), 1.05 * r) for k in range(6)]
+    elif kind == "star":
+        pts = [(math.radians(-90 + 36 * k), (1.25 if k % 2 == 0 else 0.5) * r) for k in range(10)]
+    elif kind == "cross":
+        a, b = 0.36 * r, 1.1 * r  # half arm width, arm length
+        xy = [(a, b), (a, a), (b, a), (b, -a), (a, -a), (a, -b), (-a, -b), (-a, -a), (-b, -a), (-b, a),
+              (-a, a), (-a, b)]
+        pts = [(math.atan2(y, x), math.hypot(x, y)) for x, y in xy]
+    else:
+        raise ValueError(kind)
+    rot = math.radians(angle_deg)
+    return [(cx + rad * math.cos(t + rot), cy + rad * math.sin(t + rot)) for t, rad in pts]
+
+
+def render_scene(scene: dict, resolution: int, supersample: int = 4) -> Image.Image:
+    """Draw a scene (from `sample_scene`) as an RGB image of side `resolution`."""
+    side = resolution * supersample
+    top, bottom = (np.array(c, dtype=np.float32) for c in BACKGROUND_PALETTE[scene["background"]])
+    ramp = np.linspace(0.0, 1.0, side, dtype=np.float32)[:, None, None]
+    pixels = np.broadcast_to(top + (bottom - top) * ramp, (side, side, 3))
+    image = Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
+    draw = ImageDraw.Draw(image)
+    for o in scene["objects"]:
+        cx, cy, r, angle = (v * side if k < 3 else v for k, v in enumerate(o["geometry"]))
+        colour = COLOUR_PALETTE[o["colour"]]
+        if o["shape"] == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
+        else:
+            draw.polygon(_polygon(o["shape"], cx, cy, r, angle), fill=colour)
+    return image.reduce(supersample) if supersample > 1 else image
+
+
+# ---------------------------------------------------------------- captions
+
+_SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
+_POS_PHRASES = {
+    "left": ("on the left", "at the left", "on the left side"),
+    "right": ("on the right", "at the right", "on the right side"),
+    "top": ("at the top", "near the top", "in the upper part"),
+    "bottom": ("at the bottom", "near the bottom", "in the lower part"),
+    "center": ("in the center", "in the middle", "at the center"),
+}
+_POS_SHORT = {"left": "left side", "right": "right side", "top": "top", "bottom": "bottom", "center": "center"}
+_COUNT_WORDS = ("zero", "one", "two", "three", "four")
+
+
+def _join(parts):
+    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+
+
+def _size(o, rng):
+    return rng.choice(_SIZE_WORDS[o["size"]])
+
+
+def _pos(o, rng):
+    return rng.choice(_POS_PHRASES[o["position"]])
+
+
+def _t_plain(objs, bg, rng):
+    return _join([f"a {_size(o, rng)} {o['colour']} {o['shape']} {_pos(o, rng)}" for o in objs])
+
+
+def _t_on_background(objs, bg, rng):
+    return _t_plain(objs, bg, rng) + f" on a {bg} background"
+
+
+def _t_there_is(objs, bg, rng):
+    if len(objs) == 1:
+        o = objs[0]
+        return f"there is one {_size(o, rng)} {o['shape']} in {o['colour']} {_pos(o, rng)} of a {bg} background"
+    items = _join([f"a {o['colour']} {o['shape']} that is {_size(o, rng)}, {_pos(o, rng)}" for o in objs])
+    return f"there are {_COUNT_WORDS[len(objs)]} shapes on a {bg} background: {items}"
+
+
+def _t_terse(objs, bg, rng):
+    return "; ".join(f"{o['colour']} {o['shape']}, {'big' if o['size'] == 'large' else 'small'}, "
+                     f"{_POS_SHORT[o['position']]}" for o in objs)
+
+
+def _t_picture(objs, bg, rng):
+    return rng.choice(("a picture of ", "an image of ", "a drawing of ")) + _t_plain(objs, bg, rng)
+
+
+def _t_background_with(objs, bg, rng):
+    return f"{bg} background with " + _join([f"a {_size(o, rng)} {o['colour']} {o['shape']} {_pos(o, rng)}"
+                                              for o in objs])
+
+
+def _t_position_first(objs, bg, rng):
+    return "; ".join(f"{_pos(o, rng)}, a {_size(o, rng)} {o['colour']} {o['shape']}" for o in objs)
+
+
+def _t_shape_first(objs, bg, rng):
+    return _join([f"one {_size(o, rng)} {o['shape']} coloured {o['colour']} {_pos(o, rng)}" for o in objs])
+
+
+def _t_count(objs, bg, rng):
+    noun = "shape" if len(objs) == 1 else "shapes"
+    items = _join([f"a {o['colour']} {o['shape']} ({o['size']}, {_POS_SHORT[o['position']]})" for o in objs])
+    return f"{_COUNT_WORDS[len(objs)]} {noun}: {items}"
+
+
+_TEMPLATES = (_t_plain, _t_on_background, _t_there_is, _t_terse, _t_picture, _t_background_with,
+              _t_position_first, _t_shape_first, _t_count)
+
+
+def make_captions(scene: dict, n: int, rng: random.Random) -> list:
+    """`n` captions from distinct templates, each naming every object's colour, shape, size and position."""
+    captions = []
+    for template in rng.sample(_TEMPLATES, n):
+        objs = list(scene["objects"])
+        rng.shuffle(objs)
+        captions.append(template(objs, scene["background"], rng))
+    return captions
+
+
+def caption_attributes(caption: str, spec: ProceduralSpec = None) -> dict:
+    """The colours and shape kinds a caption names, in order of first mention.
+
+    Returns {"colours": [...], "shapes": [...]}. Words are matched against the spec's
+    colours and shapes (all known ones when `spec` is None), as whole words, plurals included.
+    """
+    colours = spec.colours if spec is not None else tuple(COLOUR_PALETTE)
+    shapes = spec.shapes if spec is not None else SHAPE_KINDS
+    text = caption.lower()
+
+    def find(names, plural):
+        hits = []
+        for name in names:
+            pattern = r"\b" + re.escape(name) + (r"(?:es|s)?" if plural else "") + r"\b"
+            m = re.search(pattern, text)
+            if m:
+                hits.append((m.start(), name))
+        return [name for _, name in sorted(hits)]
+
+    return {"colours": find(colours, False), "shapes": find(shapes, True)}
+
+
+# ---------------------------------------------------------------- data set files
+
+def _split_offset(split: str) -> int:
+    return SPLITS.index(split) * 1_000_000_000
+
+
+def generate_split(spec: ProceduralSpec, seed: int, split: str):
+    """Yield (rel_path, image, captions, attributes) for every image of a split, deterministically."""
+    for i in range(spec.split_size(split)):
+        rng = random.Random(derive_seed(seed, _split_offset(split) + i))
+        scene = sample_scene(spec, rng)
+        image = render_scene(scene, spec.resolution, spec.supersample)
+        captions = make_captions(scene, spec.captions_per_image, rng)
+        attributes = {"background": scene["background"],
+                      "objects": [{k: o[k] for k in ("shape", "colour", "size", "position")}
+                                  for o in scene["objects"]]}
+        yield f"images/{split}/{i:06d}.png", image, captions, attributes
+
+
+def _spec_record(spec: ProceduralSpec, seed: int) -> dict:
+    return {"format_version": FORMAT_VERSION, "seed": int(seed), "spec": spec.to_dict()}
+
+
+def _is_complete(out_dir: Path, spec: ProceduralSpec) -> bool:
+    if not all((out_dir / "annotations" / f"procedural_{s}.json").is_file() for s in SPLITS + ("attributes",)):
+        return False
+    return all((out_dir / "images" / s / f"{spec.split_size(s) - 1:06d}.png").is_file() for s in SPLITS)
+
+
+def _png_bytes(image: Image.Image) -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", optimize=False, compress_level=6)
+    return buf.getvalue()
+
+
+def _write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=1, ensure_ascii=False) + "\n", encoding="utf-8")
+
+
+def generate_procedural_dataset(out_dir, spec: ProceduralSpec = None, seed: int = 0, overwrite: bool = False,
+                                progress: bool = True) -> Path:
+    """Write the procedural data set to `out_dir` and return it.
+
+    A complete set made with the same spec and seed is kept as it is (resume). A different
+    existing set raises InputError unless `overwrite`. Files are first written to a temporary
+    folder inside `out_dir` and moved into place; `spec.json`, written last, marks completeness.
+    """
+    spec = spec or ProceduralSpec()
+    out_dir = Path(out_dir)
+    record = _spec_record(spec, seed)
+    spec_file = out_dir / "spec.json"
+    if spec_file.is_file():
+        try:
+            existing = json.loads(spec_file.read_text(encoding="utf-8"))
+        except json.JSONDecodeError:
+            existing = None
+        if existing == record and _is_complete(out_dir, spec):
+            return out_dir
+        if not overwrite:
+            raise fail(f"{out_dir} already holds a procedural data set made with a different spec or seed "
+                       f"(see {spec_file}); pass --overwrite or choose another --output_dir")
+    elif (out_dir / "images").exists() or (out_dir / "annotations").exists():
+        if not overwrite:
+            raise fail(f"{out_dir} already has images/ or annotations/ but no spec.json (an interrupted or "
+                       f"foreign data set); pass --overwrite or choose another --output_dir")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("images", "annotations"):
+        if (out_dir / name).exists():
+            shutil.rmtree(out_dir / name)
+    spec_file.unlink(missing_ok=True)
+
+    tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".procedural-"))
+    try:
+        attributes = {}
+        train, evals = [], {}
+        total = spec.n_train + spec.n_val + spec.n_test
+        bar = tqdm(total=total, desc="procedural images", disable=not progress)
+        for split in SPLITS:
+            (tmp / "images" / split).mkdir(parents=True)
+            evals[split] = []
+            for rel, image, captions, attrs in generate_split(spec, seed, split):
+                (tmp / rel).write_bytes(_png_bytes(image))
+                attributes[rel] = attrs
+                if split == "train":
+                    image_id = f"{split}_{Path(rel).stem}"
+                    train.extend({"image": rel, "caption": c, "image_id": image_id} for c in captions)
+                else:
+                    evals[split].append({"image": rel, "caption": captions})
+                bar.update(1)
+        bar.close()
+        (tmp / "annotations").mkdir()
+        _write_json(tmp / "annotations" / "procedural_train.json", train)
+        _write_json(tmp / "annotations" / "procedural_val.json", evals["val"])
+        _write_json(tmp / "annotations" / "procedural_test.json", evals["test"])
+        _write_json(tmp / "annotations" / "procedural_attributes.json", attributes)
+        (tmp / "images").rename(out_dir / "images")
+        (tmp / "annotations").rename(out_dir / "annotations")
+        atomic_write_json(spec_file, record)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out_dir
+
+
+def read_spec(out_dir) -> tuple:
+    """(ProceduralSpec, seed) recorded in `out_dir/spec.json`."""
+    path = Path(out_dir) / "spec.json"
+    if not path.is_file():
+        raise fail(f"not a procedural data set folder: {path} not found "
+                   f"(make one with python -m dataset.procedural --output_dir {out_dir})")
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+        return ProceduralSpec.from_dict(record["spec"]), int(record["seed"])
+    except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise fail(f"{path} is not a valid procedural spec file: {e}")
+
+
+_ATTRIBUTE_CACHE = {}
+
+
+def read_attributes(out_dir) -> dict:
+    """All image attributes of a procedural set: {rel_path: {"background", "objects": [...]}}."""
+    path = Path(out_dir) / "annotations" / "procedural_attributes.json"
+    if not path.is_file():
+        raise fail(f"attributes file not found: {path} (make the set with python -m dataset.procedural)")
+    key = (str(path.resolve()), path.stat().st_mtime_ns)
+    if key not in _ATTRIBUTE_CACHE:
+        try:
+            _ATTRIBUTE_CACHE.clear()
+            _ATTRIBUTE_CACHE[key] = json.loads(path.read_text(encoding="utf-8"))
+        except json.JSONDecodeError as e:
+            raise fail(f"{path} is not valid JSON: {e}")
+    return _ATTRIBUTE_CACHE[key]
+
+
+def image_attributes(out_dir, rel_path) -> dict:
+    """Attributes of one image of a procedural set, e.g. image_attributes(d, "images/test/000003.png")."""
+    attributes = read_attributes(out_dir)
+    if str(rel_path) not in attributes:
+        raise fail(f"{Path(out_dir) / 'annotations' / 'procedural_attributes.json'}: no entry for {rel_path}")
+    return attributes[str(rel_path)]
+
+
+# ---------------------------------------------------------------- command line
+
+def _name_list(value: str) -> tuple:
+    return tuple(v.strip() for v in value.split(",") if v.strip())
+
+
+def parse_args(argv=None):
+    """Command-line options; a --config recipe sets defaults."""
+    d = ProceduralSpec.__dataclass_fields__
+    parser = argparse.ArgumentParser(description="Write the built-in procedural image-caption data set.")
+    parser.add_argument("--output_dir", type=str, required=True, help="Folder to write the data set to.")
+    parser.add_argument("--seed", type=int, default=0, help="Seed; the same seed writes the same bytes.")
+    parser.add_argument("--resolution", type=int, default=d["resolution"].default, help="Image side in pixels.")
+    parser.add_argument("--shapes", type=_name_list, default=d["shapes"].default,
+                        help=f"Comma-separated shape kinds among {', '.join(SHAPE_KINDS)}.")
+    parser.add_argument("--colours", type=_name_list, default=d["colours"].default,
+                        help=f"Comma-separated colours among {', '.join(COLOUR_PALETTE)}.")
+    parser.add_argument("--backgrounds", type=_name_list, default=d["backgrounds"].default,
+                        help=f"Comma-separated backgrounds among {', '.join(BACKGROUND_PALETTE)}.")
+    parser.add_argument("--min_shapes", type=int, default=d["min_shapes"].default)
+    parser.add_argument("--max_shapes", type=int, default=d["max_shapes"].default)
+    parser.add_argument("--captions_per_image", type=int, default=d["captions_per_image"].default)
+    parser.add_argument("--n_train", type=int, default=d["n_train"].default)
+    parser.add_argument("--n_val", type=int, default=d["n_val"].default)
+    parser.add_argument("--n_test", type=int, default=d["n_test"].default)
+    parser.add_argument("--overwrite", action="store_true", help="Replace an existing, different set.")
+    args = parse_args_with_recipe(parser, argv)
+    for name in ("shapes", "colours", "backgrounds"):
+        value = getattr(args, name)
+        setattr(args, name, _name_list(value) if isinstance(value, str) else tuple(value))
+    return args
+
+
+def spec_from_args(args) -> ProceduralSpec:
+    """The ProceduralSpec described by parsed arguments."""
+    return ProceduralSpec(resolution=args.resolution, shapes=args.shapes, colours=args.colours,
+                          backgrounds=args.backgrounds, min_shapes=args.min_shapes, max_shapes=args.max_shapes,
+                          captions_per_image=args.captions_per_image, n_train=args.n_train, n_val=args.n_val,
+                          n_test=args.n_test)
+
+
+def main(args) -> Path:
+    """Generate (or resume) the data set described by `args`."""
+    out = generate_procedural_dataset(args.output_dir, spec_from_args(args), seed=args.seed,
+                                      overwrite=args.overwrite)
+    print(f"procedural data set ready in {out}")
+    return out
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

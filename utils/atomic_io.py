@@ -1,0 +1,92 @@
+"""Atomic file writes: a crash never leaves a half-written file behind."""
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def atomic_write_bytes(path, data: bytes) -> None:
+    """Write `data` to `path` through a temp file in the same folder and an atomic rename."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write a UTF-8 text file atomically."""
+    atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def atomic_write_json(path, obj, indent: int = 2) -> None:
+    """Write `obj` as JSON atomically."""
+    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False) + "\n")
+
+
+def atomic_save_image(path, image, format: str = None) -> None:
+    """Save a PIL image atomically; the format comes from the suffix unless given."""
+    import io
+
+    path = Path(path)
+    buf = io.BytesIO()
+    image.save(buf, format=format or _format_from_suffix(path))
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def atomic_torch_save(path, obj) -> None:
+    """torch.save `obj` atomically."""
+    import io
+
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def append_jsonl(path, record: dict) -> None:
+    """Append one JSON record as a single line and fsync it.
+
+    A single small write of one line is not torn by a crash in practice; readers
+    (`read_jsonl`) skip a truncated last line, so a killed run loses at most that record.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    line = json.dumps(record, ensure_ascii=False) + "\n"
+    with open(path, "a", encoding="utf-8") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def read_jsonl(path) -> list:
+    """Read a JSON-lines file, skipping a truncated (unparsable) final line."""
+    path = Path(path)
+    if not path.exists():
+        return []
+    records = []
+    lines = path.read_text(encoding="utf-8").splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                break  # interrupted write of the last record
+            raise
+    return records
+
+
+def _format_from_suffix(path: Path) -> str:
+    suffix = path.suffix.lower()
+    return {".jpg": "JPEG", ".jpeg": "JPEG", ".png": "PNG", ".webp": "WEBP"}.get(suffix, "PNG")
