@@ -241,6 +241,10 @@ def _join(parts):
     return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
 
 
+def _a(phrase: str) -> str:
+    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
+
+
 def _size(o, rng):
     return rng.choice(_SIZE_WORDS[o["size"]])
 
@@ -249,20 +253,23 @@ def _pos(o, rng):
     return rng.choice(_POS_PHRASES[o["position"]])
 
 
+def _listing(objs, rng):
+    return _join([_a(f"{_size(o, rng)} {o['colour']} {o['shape']} {_pos(o, rng)}") for o in objs])
+
+
 def _t_plain(objs, bg, rng):
-    return _join([f"a {_size(o, rng)} {o['colour']} {o['shape']} {_pos(o, rng)}" for o in objs])
+    return _listing(objs, rng)
 
 
 def _t_on_background(objs, bg, rng):
-    return _t_plain(objs, bg, rng) + f" on a {bg} background"
+    return _listing(objs, rng) + f" on {_a(bg)} background"
 
 
 def _t_there_is(objs, bg, rng):
     if len(objs) == 1:
         o = objs[0]
-        return f"there is one {_size(o, rng)} {o['shape']} in {o['colour']} {_pos(o, rng)} of a {bg} background"
-    items = _join([f"a {o['colour']} {o['shape']} that is {_size(o, rng)}, {_pos(o, rng)}" for o in objs])
-    return f"there are {_COUNT_WORDS[len(objs)]} shapes on a {bg} background: {items}"
+        return f"there is one {_size(o, rng)} {o['shape']} in {o['colour']} {_pos(o, rng)} of {_a(bg)} background"
+    return f"there are {_COUNT_WORDS[len(objs)]} shapes on {_a(bg)} background: {_listing(objs, rng)}"
 
 
 def _t_terse(objs, bg, rng):
@@ -271,16 +278,15 @@ def _t_terse(objs, bg, rng):
 
 
 def _t_picture(objs, bg, rng):
-    return rng.choice(("a picture of ", "an image of ", "a drawing of ")) + _t_plain(objs, bg, rng)
+    return rng.choice(("a picture of ", "an image of ", "a drawing of ")) + _listing(objs, rng)
 
 
 def _t_background_with(objs, bg, rng):
-    return f"{bg} background with " + _join([f"a {_size(o, rng)} {o['colour']} {o['shape']} {_pos(o, rng)}"
-                                              for o in objs])
+    return f"{bg} background with " + _listing(objs, rng)
 
 
 def _t_position_first(objs, bg, rng):
-    return "; ".join(f"{_pos(o, rng)}, a {_size(o, rng)} {o['colour']} {o['shape']}" for o in objs)
+    return "; ".join(f"{_pos(o, rng)}, {_a(_size(o, rng))} {o['colour']} {o['shape']}" for o in objs)
 
 
 def _t_shape_first(objs, bg, rng):
@@ -289,7 +295,7 @@ def _t_shape_first(objs, bg, rng):
 
 def _t_count(objs, bg, rng):
     noun = "shape" if len(objs) == 1 else "shapes"
-    items = _join([f"a {o['colour']} {o['shape']} ({o['size']}, {_POS_SHORT[o['position']]})" for o in objs])
+    items = _join([_a(f"{o['colour']} {o['shape']} ({o['size']}, {_POS_SHORT[o['position']]})") for o in objs])
     return f"{_COUNT_WORDS[len(objs)]} {noun}: {items}"
 
 

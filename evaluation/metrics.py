@@ -56,7 +56,7 @@ def itm_recalls(scores_i2t, scores_t2i, img2txt, txt2img) -> dict:
 
 
 def mean_std(values) -> tuple:
-    """Mean and (population-free) sample standard deviation; std is 0 for a single value."""
+    """Mean and sample standard deviation (ddof=1; 0 for a single value)."""
     arr = np.asarray(values, dtype=np.float64)
     if arr.size == 0:
         raise ValueError("mean_std of no values")

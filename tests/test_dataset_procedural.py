@@ -1,0 +1,141 @@
+"""The procedural data set: determinism, resume, caption/attribute agreement, formats."""
+import hashlib
+import json
+
+import pytest
+from PIL import Image
+
+from dataset.karpathy import group_by_image, read_karpathy_eval, read_karpathy_train
+from dataset.procedural import (ProceduralSpec, caption_attributes, generate_procedural_dataset, image_attributes,
+                                main, parse_args, read_attributes, read_spec)
+from dataset.registry import load_split
+from utils.errors import InputError
+
+SMALL = dict(resolution=32, n_train=40, n_val=8, n_test=12)
+
+
+def _digest(folder):
+    """sha256 of every file (relative path + bytes) under folder."""
+    h = hashlib.sha256()
+    for p in sorted(folder.rglob("*")):
+        if p.is_file():
+            h.update(p.relative_to(folder).as_posix().encode())
+            h.update(p.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.fixture(scope="module")
+def small_set(tmp_path_factory):
+    out = tmp_path_factory.mktemp("proc") / "set"
+    generate_procedural_dataset(out, ProceduralSpec(**SMALL), seed=0, progress=False)
+    return out
+
+
+def test_layout_and_formats(small_set):
+    train = read_karpathy_train(small_set / "annotations" / "procedural_train.json", small_set)
+    groups = group_by_image(train)
+    assert len(groups) == 40 and all(len(g["captions"]) == 5 for g in groups)
+    assert all(len(set(g["captions"])) == 5 for g in groups), "captions of one image must differ"
+    assert groups[3]["image"] == "images/train/000003.png"
+    for split, n in (("val", 8), ("test", 12)):
+        entries = read_karpathy_eval(small_set / "annotations" / f"procedural_{split}.json", small_set)
+        assert len(entries) == n and all(len(e["caption"]) == 5 for e in entries)
+    image = Image.open(small_set / "images" / "test" / "000011.png")
+    assert image.size == (32, 32) and image.mode == "RGB"
+    spec, seed = read_spec(small_set)
+    assert spec == ProceduralSpec(**SMALL) and seed == 0
+    assert len(load_split("procedural", "test", small_set)) == 12
+
+
+def test_same_seed_same_bytes_different_seed_differs(small_set, tmp_path):
+    again = generate_procedural_dataset(tmp_path / "again", ProceduralSpec(**SMALL), seed=0, progress=False)
+    assert _digest(again) == _digest(small_set)
+    other = generate_procedural_dataset(tmp_path / "other", ProceduralSpec(**SMALL), seed=1, progress=False)
+    assert (other / "images/train/000000.png").read_bytes() != (small_set / "images/train/000000.png").read_bytes()
+    assert (other / "annotations/procedural_train.json").read_bytes() != \
+        (small_set / "annotations/procedural_train.json").read_bytes()
+
+
+def test_resume_does_not_rewrite_and_other_spec_is_refused(tmp_path):
+    out = generate_procedural_dataset(tmp_path / "s", ProceduralSpec(**SMALL), seed=3, progress=False)
+    png = out / "images/val/000002.png"
+    stamp = png.stat().st_mtime_ns
+    spec_stamp = (out / "spec.json").stat().st_mtime_ns
+    generate_procedural_dataset(out, ProceduralSpec(**SMALL), seed=3, progress=False)
+    assert png.stat().st_mtime_ns == stamp and (out / "spec.json").stat().st_mtime_ns == spec_stamp
+    with pytest.raises(InputError, match="different spec or seed"):
+        generate_procedural_dataset(out, ProceduralSpec(**SMALL), seed=4, progress=False)
+    bigger = ProceduralSpec(**{**SMALL, "n_test": 13})
+    with pytest.raises(InputError, match="different spec or seed"):
+        generate_procedural_dataset(out, bigger, seed=3, progress=False)
+    generate_procedural_dataset(out, bigger, seed=3, overwrite=True, progress=False)
+    assert (out / "images/test/000012.png").is_file()
+    assert not list(out.glob(".procedural-*")), "temporary folder left behind"
+
+
+def test_foreign_folder_is_refused(tmp_path):
+    (tmp_path / "images").mkdir()
+    with pytest.raises(InputError, match="no spec.json"):
+        generate_procedural_dataset(tmp_path, ProceduralSpec(**SMALL), progress=False)
+
+
+def test_captions_name_exactly_the_drawn_colours_and_shapes(small_set):
+    attributes = read_attributes(small_set)
+    train = read_karpathy_train(small_set / "annotations" / "procedural_train.json")
+    tests = read_karpathy_eval(small_set / "annotations" / "procedural_test.json")
+    pairs = [(e["image"], e["caption"]) for e in train] + [(e["image"], c) for e in tests for c in e["caption"]]
+    n_multi = 0
+    for rel, caption in pairs:
+        objects = attributes[rel]["objects"]
+        n_multi += len(objects) > 1
+        parsed = caption_attributes(caption)
+        assert sorted(parsed["colours"]) == sorted({o["colour"] for o in objects}), caption
+        assert sorted(parsed["shapes"]) == sorted({o["shape"] for o in objects}), caption
+        for o in objects:
+            size_words = {"small": ("small", "little"), "large": ("large", "big")}[o["size"]]
+            assert any(w in caption.split() or w + "," in caption.split() for w in size_words), caption
+    assert n_multi > 0, "the default spec must produce multi-shape images"
+    assert image_attributes(small_set, "images/test/000000.png") == attributes["images/test/000000.png"]
+    with pytest.raises(InputError, match="no entry for images/test/999999.png"):
+        image_attributes(small_set, "images/test/999999.png")
+
+
+def test_pixels_match_attributes(small_set):
+    """The named colours are actually drawn: each object's palette colour appears in the image."""
+    from dataset.procedural import COLOUR_PALETTE
+
+    attributes = read_attributes(small_set)
+    for rel in list(attributes)[:20]:
+        pixels = set(Image.open(small_set / rel).convert("RGB").getdata())
+        for o in attributes[rel]["objects"]:
+            assert COLOUR_PALETTE[o["colour"]] in pixels, (rel, o)
+
+
+def test_caption_attributes_parsing():
+    parsed = caption_attributes("Two stars: a RED star and one big circle coloured blue on a light grey background")
+    assert parsed == {"colours": ["red", "blue"], "shapes": ["star", "circle"]}
+    assert caption_attributes("nothing here") == {"colours": [], "shapes": []}
+    spec = ProceduralSpec(shapes=("circle", "square"), colours=("red", "green"))
+    assert caption_attributes("a blue square", spec) == {"colours": [], "shapes": ["square"]}
+
+
+def test_spec_validation():
+    with pytest.raises(InputError, match="unknown colours magenta"):
+        ProceduralSpec(colours=("red", "magenta"))
+    with pytest.raises(InputError, match="max_shapes"):
+        ProceduralSpec(max_shapes=6)
+    with pytest.raises(InputError, match="resolution"):
+        ProceduralSpec(resolution=8)
+
+
+def test_cli_and_default_spec(tmp_path):
+    args = parse_args(["--output_dir", str(tmp_path / "cli"), "--resolution", "32", "--n_train", "6", "--n_val",
+                       "2", "--n_test", "2", "--shapes", "circle,star", "--max_shapes", "2", "--seed", "5"])
+    out = main(args)
+    spec, seed = read_spec(out)
+    assert seed == 5 and spec.shapes == ("circle", "star") and spec.max_shapes == 2
+    record = json.loads((out / "spec.json").read_text())
+    assert record["spec"]["n_train"] == 6
+    default = ProceduralSpec()
+    assert default.resolution == 64 and default.n_train >= 1000 and 1 <= default.min_shapes < default.max_shapes
+    assert len(default.shapes) >= 4 and len(default.colours) >= 5

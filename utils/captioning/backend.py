@@ -1,0 +1,48 @@
+"""The interface every captioning backend implements; the shared runner does everything else."""
+from dataclasses import dataclass
+from pathlib import Path
+
+
+@dataclass
+class CaptionRequest:
+    """Ask for `n` new captions of one image (`prompt` is the caption it was generated from)."""
+    index: int          # position of the image in the distilled set (stable across runs; used for seeds)
+    image: str          # path relative to the set folder, e.g. "images/000000.png"
+    image_path: Path    # absolute path of the image file
+    prompt: str
+    n: int
+    attempt: int = 0    # 0 for the first request of this image in this run, 1 for a top-up, ...
+
+
+class CaptionBackend:
+    """Turns images (and their prompts) into candidate captions.
+
+    `generate` yields `(request, captions)` as each image finishes, or `(request, exception)` for
+    an image that failed for good (after the backend's own retries). It may return more or fewer
+    than `request.n` candidates; the runner cleans, de-duplicates and keeps the first n.
+    Errors that make every request fail (bad key, unknown model) are raised, not yielded.
+    """
+
+    name = "base"
+    strip_boilerplate = True   # the instruction asked for a sentence: drop "The image shows ..."
+    deterministic = False      # True when asking again returns the same captions (no top-up rounds)
+    needs_images = True        # False for text-only backends
+
+    def describe(self) -> dict:
+        """What the manifest records: {"backend", "model", "instruction", "settings": {...}}."""
+        raise NotImplementedError
+
+    def cache_identity(self) -> dict:
+        """What makes cached captions reusable: by default backend, model and instruction."""
+        d = self.describe()
+        return {"backend": d["backend"], "model": d["model"], "instruction": d["instruction"]}
+
+    def check(self) -> None:
+        """Cheap checks run before any work (e.g. the API key is set); raise InputError."""
+
+    def setup(self) -> None:
+        """Load models / build clients; called only when some image needs captions."""
+
+    def generate(self, requests):
+        """Yield `(request, list_of_captions | Exception)` for each request, in any order."""
+        raise NotImplementedError

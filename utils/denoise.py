@@ -1,0 +1,47 @@
+"""The denoised-latent estimate x0 from a UNet output, for epsilon-, v- and sample-prediction schedulers.
+
+Formulas (abar = scheduler.alphas_cumprod[t]), the same as DDPMScheduler.step's pred_original_sample:
+  epsilon:       x0 = (z_t - sqrt(1 - abar) * eps) / sqrt(abar)
+  v_prediction:  x0 = sqrt(abar) * z_t - sqrt(1 - abar) * v
+  sample:        x0 = model output
+"""
+import torch
+
+PREDICTION_TYPES = ("epsilon", "v_prediction", "sample")
+
+
+def _abar(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    abar = scheduler.alphas_cumprod.to(device=like.device)[timesteps.to(like.device).long()].float()
+    return abar.view(-1, *([1] * (like.ndim - 1)))
+
+
+def predicted_x0(scheduler, model_output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
+                 prediction_type: str = None, clamp: float = None) -> torch.Tensor:
+    """Differentiable x0 estimate (in the dtype of `model_output`); optional clamp to [-clamp, clamp]."""
+    ptype = prediction_type or scheduler.config.prediction_type
+    out, z = model_output.float(), noisy.float()
+    abar = _abar(scheduler, timesteps, z)
+    if ptype == "epsilon":
+        x0 = (z - (1 - abar).sqrt() * out) / abar.sqrt()
+    elif ptype == "v_prediction":
+        x0 = abar.sqrt() * z - (1 - abar).sqrt() * out
+    elif ptype == "sample":
+        x0 = out
+    else:
+        raise ValueError(f"unknown prediction type '{ptype}' (choose from {', '.join(PREDICTION_TYPES)})")
+    if clamp is not None:
+        x0 = x0.clamp(-clamp, clamp)
+    return x0.to(model_output.dtype)
+
+
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor,
+                     prediction_type: str = None) -> torch.Tensor:
+    """The regression target of the plain diffusion loss for the scheduler's prediction type."""
+    ptype = prediction_type or scheduler.config.prediction_type
+    if ptype == "epsilon":
+        return noise
+    if ptype == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    if ptype == "sample":
+        return latents
+    raise ValueError(f"unknown prediction type '{ptype}' (choose from {', '.join(PREDICTION_TYPES)})")
