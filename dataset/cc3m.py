@@ -49,6 +49,7 @@ def cc3m_eval_entries(folder) -> list:
 def iter_cc3m_shards(urls_or_pattern):
     """Yield (PIL RGB image, caption, key) from webdataset tar shards (a list, a path, or a brace pattern)."""
     import webdataset as wds
+    from webdataset.autodecode import DecodingError
 
     urls = [str(u) for u in urls_or_pattern] if isinstance(urls_or_pattern, (list, tuple)) else str(urls_or_pattern)
     for path in ([urls] if isinstance(urls, str) else urls):
@@ -69,5 +70,7 @@ def iter_cc3m_shards(urls_or_pattern):
             yield image, str(caption).strip(), key
     except InputError:
         raise
+    except DecodingError as e:
+        raise fail(f"{e.url}: sample {e.key}: could not decode {e.k}: {e.__cause__ or e.__context__}")
     except (OSError, ValueError, tarfile.TarError) as e:
         raise fail(f"could not read webdataset shards {urls}: {e}")

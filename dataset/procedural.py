@@ -26,7 +26,7 @@ import re
 import shutil
 import sys
 import tempfile
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -38,7 +38,7 @@ from utils.config import parse_args_with_recipe
 from utils.errors import InputError, fail
 from utils.seeding import derive_seed
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # bump whenever drawing or caption code changes the output
 SPLITS = ("train", "val", "test")
 
 # Saturated, well separated colours (names are the words used in captions).
@@ -378,8 +378,9 @@ def generate_procedural_dataset(out_dir, spec: ProceduralSpec = None, seed: int 
                                 progress: bool = True) -> Path:
     """Write the procedural data set to `out_dir` and return it.
 
-    A complete set made with the same spec and seed is kept as it is (resume). A different
-    existing set raises InputError unless `overwrite`. Files are first written to a temporary
+    A complete set made with the same spec and seed is kept as it is (resume); one made by an
+    older version of this generator is remade. A different existing set raises InputError
+    unless `overwrite`. Files are first written to a temporary
     folder inside `out_dir` and moved into place; `spec.json`, written last, marks completeness.
     """
     spec = spec or ProceduralSpec()
@@ -393,7 +394,10 @@ def generate_procedural_dataset(out_dir, spec: ProceduralSpec = None, seed: int 
             existing = None
         if existing == record and _is_complete(out_dir, spec):
             return out_dir
-        if not overwrite:
+        outdated = (isinstance(existing, dict) and existing.get("format_version") != FORMAT_VERSION
+                    and {k: v for k, v in existing.items() if k != "format_version"}
+                    == {k: v for k, v in record.items() if k != "format_version"})
+        if not overwrite and not outdated:
             raise fail(f"{out_dir} already holds a procedural data set made with a different spec or seed "
                        f"(see {spec_file}); pass --overwrite or choose another --output_dir")
     elif (out_dir / "images").exists() or (out_dir / "annotations").exists():

@@ -46,3 +46,24 @@ class CaptionBackend:
     def generate(self, requests):
         """Yield `(request, list_of_captions | Exception)` for each request, in any order."""
         raise NotImplementedError
+
+
+def generate_in_batches(requests, batch_size: int, sample):
+    """Group requests by `n`, call `sample(batch)` per batch, yield per request.
+
+    Running out of accelerator memory fails that batch's images (reported, retried on a rerun);
+    any other error is systematic and stops the run.
+    """
+    import torch
+
+    by_n = {}
+    for r in requests:
+        by_n.setdefault(r.n, []).append(r)
+    for group in by_n.values():
+        for start in range(0, len(group), batch_size):
+            batch = group[start:start + batch_size]
+            try:
+                results = sample(batch)
+            except torch.OutOfMemoryError as e:
+                results = [e] * len(batch)
+            yield from zip(batch, results)

@@ -109,8 +109,7 @@ class GPTBackend(CaptionBackend):
             raise fail(f"the API at {self.client.base_url} refused the request for model {self.model!r}: "
                        f"{self._redact(' '.join(str(e).split()))[:300]}")
         except Exception as e:  # noqa: BLE001 - any other error after retries is this image's failure
-            return type(e)(self._redact(str(e))) if isinstance(e, MalformedReply) else \
-                RuntimeError(self._redact(f"{type(e).__name__}: {e}"))
+            return RuntimeError(self._redact(f"{type(e).__name__}: {e}"))
 
     def generate(self, requests):
         pool = ThreadPoolExecutor(max_workers=self.max_concurrency)

@@ -86,8 +86,7 @@ def _listed(items) -> list:
 
 
 def _short_message(e: Exception) -> str:
-    text = " ".join(str(e).split()) or type(e).__name__
-    return f"{type(e).__name__}: {text[:300]}"
+    return (" ".join(str(e).split()) or type(e).__name__)[:300]
 
 
 def run_captioning(args, backend) -> dict:

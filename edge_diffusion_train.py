@@ -1,0 +1,159 @@
+"""Stage 1: fine-tune Stable Diffusion with the EDGE losses (bi-directional contrastive + diversity).
+
+The UNet is trained (DiffFit bias/norm parameters by default, or LoRA, or all weights) so that
+images decoded from its denoised estimate match their captions under a frozen scorer (CLIP) and
+differ from each other; the VAE, text encoder and scorer stay frozen. The output folder loads with
+`StableDiffusionPipeline.from_pretrained` (LoRA: the base model + `load_lora_weights(output_dir)`).
+`--train_vae` instead trains the VAE of a (tiny) model as an autoencoder (offline demo).
+
+Usage:
+  accelerate launch edge_diffusion_train.py --config configs/train_flickr30k.yaml \\
+      --ann_root data/flickr30k_ann --image_root data/flickr30k --output_dir runs/edge_flickr30k
+  python edge_diffusion_train.py --pretrained_model_name_or_path runs/tiny_sd --dataset procedural \\
+      --ann_root data/procedural --output_dir runs/edge_demo --scorer retrieval:runs/scorer \\
+      --max_train_steps 200 --resume_from_checkpoint latest
+  ACCELERATE_USE_CPU=true accelerate launch --multi_gpu --num_processes 2 --num_machines 1 \\
+      --mixed_precision no --dynamo_backend no edge_diffusion_train.py ... --gather_features
+"""
+import argparse
+import sys
+
+from utils.config import parse_args_with_recipe
+from utils.errors import InputError, fail
+from utils.losses import DIVERSITY_MODES
+from utils.trainable_params import TRAINABLE_SETS
+
+DATASETS = ("flickr30k", "coco", "cc3m", "procedural", "karpathy")
+LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """All flags (diffusers train_text_to_image.py names where they exist)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    a = p.add_argument
+    # model and data
+    a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+      help="hub id or diffusers folder of the Stable Diffusion model to fine-tune")
+    a("--dataset", choices=DATASETS, default="flickr30k")
+    a("--ann_root", default=None, help="annotation folder (or file) of --dataset")
+    a("--image_root", default=None, help="image folder (default: per data set, see dataset/registry.py)")
+    a("--train_data_dir", default=None, help="train on a distilled-set folder instead of --dataset")
+    a("--max_train_samples", type=int, default=None, help="use only the first N training images")
+    a("--output_dir", required=False, default=None)
+    a("--overwrite_output_dir", action="store_true", help="replace a different run already in --output_dir")
+    a("--resolution", type=int, default=512)
+    a("--center_crop", action="store_true", default=True)
+    a("--random_crop", dest="center_crop", action="store_false")
+    a("--random_flip", action="store_true")
+    a("--dataloader_num_workers", type=int, default=0)
+    a("--caption_dropout", type=float, default=0.0,
+      help="probability of an empty UNet caption (classifier-free guidance); the scorer still sees the caption")
+    # optimisation
+    a("--train_batch_size", type=int, default=16, help="per process")
+    a("--num_train_epochs", type=int, default=10)
+    a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
+    a("--gradient_accumulation_steps", type=int, default=1)
+    a("--gradient_checkpointing", action="store_true")
+    a("--optimizer", choices=("sgd", "adamw"), default="sgd")
+    a("--learning_rate", type=float, default=1e-3)
+    a("--sgd_momentum", type=float, default=0.0)
+    a("--adam_beta1", type=float, default=0.9)
+    a("--adam_beta2", type=float, default=0.999)
+    a("--adam_epsilon", type=float, default=1e-8)
+    a("--weight_decay", type=float, default=0.0)
+    a("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
+    a("--lr_warmup_steps", type=int, default=0)
+    a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
+    a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
+      help="default: accelerate's config (no)")
+    a("--use_ema", action="store_true")
+    a("--ema_decay", type=float, default=0.9999)
+    a("--trainable", choices=TRAINABLE_SETS, default="difffit")
+    a("--lora_rank", type=int, default=4)
+    # EDGE objective
+    a("--scorer", default="open_clip:ViT-B-32/openai",
+      help="open_clip:<model>/<tag or file> | hf_clip:<id or folder> | retrieval:<folder>")
+    a("--lambda_contrastive", type=float, default=1.0)
+    a("--lambda_diversity", type=float, default=1.0)
+    a("--lambda_mse", type=float, default=0.0, help="weight of the plain diffusion loss (0 in the paper)")
+    a("--temperature", type=float, default=0.1)
+    a("--t_min", type=int, default=0, help="smallest training timestep")
+    a("--t_max", type=int, default=None, help="largest training timestep (default: num_train_timesteps - 1)")
+    a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
+      help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points; image")
+    a("--gather_features", action="store_true", help="contrastive/diversity over the features of all processes")
+    a("--x0_clamp", type=float, default=None, help="clamp the denoised latent estimate to [-c, c]")
+    # checkpoints, logging, validation
+    a("--checkpointing_steps", type=int, default=500)
+    a("--checkpoints_total_limit", type=int, default=None)
+    a("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-<step> folder')
+    a("--validation_prompts", nargs="+", default=None)
+    a("--validation_steps", type=int, default=500)
+    a("--validation_inference_steps", type=int, default=25)
+    a("--validation_guidance_scale", type=float, default=7.5)
+    a("--report_to", choices=("tensorboard", "none"), default="tensorboard")
+    a("--logging_dir", default="logs", help="relative to --output_dir")
+    a("--seed", type=int, default=0)
+    # VAE pre-training mode (offline demo)
+    a("--train_vae", action="store_true", help="train the model's VAE as an autoencoder instead (AdamW)")
+    a("--vae_kl_weight", type=float, default=1e-6)
+    return p
+
+
+def validate_args(args) -> None:
+    """Checks that need no file access; one-line InputError each."""
+    if not args.output_dir:
+        raise fail("--output_dir is required")
+    if not args.train_data_dir and not args.ann_root:
+        raise fail(f"need --ann_root (annotations of --dataset {args.dataset}) or --train_data_dir")
+    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            raise fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise fail(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.learning_rate <= 0:
+        raise fail(f"--learning_rate must be positive, got {args.learning_rate}")
+    if args.temperature <= 0:
+        raise fail(f"--temperature must be positive, got {args.temperature}")
+    if min(args.lambda_contrastive, args.lambda_diversity, args.lambda_mse) < 0:
+        raise fail("loss weights (--lambda_*) must be non-negative")
+    if not args.train_vae and args.lambda_contrastive == 0 and args.lambda_diversity == 0 and args.lambda_mse == 0:
+        raise fail("all loss weights are 0: set --lambda_contrastive, --lambda_diversity or --lambda_mse")
+    if not 0 <= args.caption_dropout < 1:
+        raise fail(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
+    if args.x0_clamp is not None and args.x0_clamp <= 0:
+        raise fail(f"--x0_clamp must be positive, got {args.x0_clamp}")
+    if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
+        raise fail("--checkpoints_total_limit must be at least 1")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parse flags (a --config recipe sets defaults) and validate them."""
+    args = parse_args_with_recipe(build_parser(), argv)
+    validate_args(args)
+    return args
+
+
+def main(args):
+    """Train (or pre-train the VAE) and return the output folder."""
+    if args.train_vae:
+        from utils.vae_pretrain import pretrain_vae
+
+        return pretrain_vae(args)
+    from utils.training import train
+
+    return train(args)
+
+
+def _cli():
+    from utils.training import TrainingDiverged
+
+    try:
+        main(parse_args())
+    except (InputError, TrainingDiverged) as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    _cli()

@@ -1,0 +1,37 @@
+"""x0 estimates against DDPMScheduler.step's pred_original_sample for each prediction type."""
+import pytest
+import torch
+from diffusers import DDPMScheduler
+
+from utils.denoise import diffusion_target, predicted_x0
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
+def test_matches_scheduler_step(ptype):
+    torch.manual_seed(0)
+    sched = DDPMScheduler(num_train_timesteps=1000, beta_schedule="scaled_linear", beta_start=0.00085,
+                          beta_end=0.012, prediction_type=ptype, clip_sample=False)
+    sample, out = torch.randn(1, 4, 8, 8), torch.randn(1, 4, 8, 8)
+    for t in (0, 17, 500, 999):
+        ref = sched.step(out, t, sample).pred_original_sample
+        ours = predicted_x0(sched, out, sample, torch.tensor([t]))
+        assert torch.allclose(ours, ref, atol=1e-5), (ptype, t)
+
+
+@pytest.mark.parametrize("ptype", ["epsilon", "v_prediction", "sample"])
+def test_perfect_prediction_recovers_latents(ptype):
+    torch.manual_seed(1)
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type=ptype, rescale_betas_zero_snr=False)
+    x0, noise = torch.randn(3, 4, 8, 8), torch.randn(3, 4, 8, 8)
+    t = torch.tensor([5, 300, 900])
+    zt = sched.add_noise(x0, noise, t)
+    target = diffusion_target(sched, x0, noise, t)
+    assert torch.allclose(predicted_x0(sched, target, zt, t), x0, atol=1e-3)
+
+
+def test_clamp_and_bad_type():
+    sched = DDPMScheduler(num_train_timesteps=1000)
+    x = predicted_x0(sched, torch.full((1, 1, 2, 2), 50.0), torch.zeros(1, 1, 2, 2), torch.tensor([999]), clamp=1.0)
+    assert x.abs().max().item() == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        predicted_x0(sched, torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([0]), prediction_type="flow")

@@ -1,0 +1,82 @@
+"""EDGE losses against hand-computed values on 3x2 inputs, symmetry, range, and open_clip's ClipLoss."""
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from utils.losses import (GatheredEDGELosses, contrastive_loss, diversity_loss, mean_off_diagonal, noise_mse_loss,
+                          retrieval_top1)
+
+# u_i, v_i already unit vectors: S = u @ v.T = [[1,0,0],[0,1,1],[1,0,0]]
+U = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
+V = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+
+
+def test_contrastive_hand_value():
+    e = math.exp(-10)
+    # rows of S/0.1 with the diagonal as target: [10,0,0]->0, [0,10,10]->1, [10,0,0]->2
+    i2t = [math.log(1 + 2 * e), math.log(2 + e), 10 + math.log(1 + 2 * e)]
+    # rows of S.T/0.1: [10,0,10]->0, [0,10,0]->1, [0,10,0]->2
+    t2i = [math.log(2 + e), math.log(1 + 2 * e), 10 + math.log(1 + 2 * e)]
+    expected = (sum(i2t) / 3 + sum(t2i) / 3) / 2
+    assert contrastive_loss(U, V, 0.1).item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_contrastive_normalises_inputs_and_is_symmetric():
+    torch.manual_seed(0)
+    u, v = torch.randn(5, 8), torch.randn(5, 8)
+    assert contrastive_loss(3 * U, 0.5 * V).item() == pytest.approx(contrastive_loss(U, V).item(), rel=1e-6)
+    assert contrastive_loss(u, v).item() == pytest.approx(contrastive_loss(v, u).item(), rel=1e-6)
+    # matching pairs cost less than shuffled ones
+    assert contrastive_loss(u, u).item() < contrastive_loss(u, u.roll(1, 0)).item()
+
+
+def test_contrastive_equals_open_clip_cliploss():
+    from open_clip.loss import ClipLoss
+
+    torch.manual_seed(1)
+    u, v = torch.randn(6, 16), torch.randn(6, 16)
+    ref = ClipLoss()(F.normalize(u, dim=-1), F.normalize(v, dim=-1), logit_scale=1 / 0.1)
+    assert contrastive_loss(u, v, 0.1).item() == pytest.approx(ref.item(), rel=1e-6)
+    gathered = GatheredEDGELosses(0.1, rank=0, world_size=1)(u, v)
+    assert gathered["contrastive"].item() == pytest.approx(ref.item(), rel=1e-6)
+    assert gathered["diversity"].item() == pytest.approx(diversity_loss(u, v).item(), rel=1e-6)
+
+
+def test_diversity_hand_values():
+    # joint vectors [u_i, v_i]/sqrt2: w0.w1 = 0, w0.w2 = 1/2, w1.w2 = 1/2 -> mean 1/3
+    assert diversity_loss(U, V, "image_text").item() == pytest.approx(1 / 3, rel=1e-6)
+    # 6 stacked points: [1,0] three times, [0,1] three times -> 6 of 15 pairs with cosine 1
+    assert diversity_loss(U, V, "image_text_stacked").item() == pytest.approx(6 / 15, rel=1e-6)
+    # images only: u0 = u2 -> 1 of 3 pairs
+    assert diversity_loss(U, None, "image").item() == pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_diversity_range():
+    torch.manual_seed(2)
+    same = torch.ones(4, 3)
+    assert diversity_loss(same, same).item() == pytest.approx(1.0, abs=1e-6)
+    opposite = torch.tensor([[1.0, 0.0], [-1.0, 0.0]])
+    assert diversity_loss(opposite, None, "image").item() == pytest.approx(-1.0, abs=1e-6)
+    for mode in ("image_text", "image_text_stacked", "image"):
+        d = diversity_loss(torch.randn(7, 5), torch.randn(7, 5), mode).item()
+        assert -1.0 <= d <= 1.0
+    with pytest.raises(ValueError):
+        diversity_loss(U, V, "latent")
+
+
+def test_mean_off_diagonal_and_mse_and_top1():
+    m = torch.tensor([[9.0, 1.0], [3.0, 9.0]])
+    assert mean_off_diagonal(m).item() == pytest.approx(2.0)
+    assert noise_mse_loss(torch.tensor([1.0, 3.0]), torch.tensor([0.0, 0.0])).item() == pytest.approx(5.0)
+    i2t, t2i = retrieval_top1(U, V)
+    # row argmax of S: [0, 1 (tie 1,2 -> first), 0] -> hits 0,1 ; column argmax: [0, 1, 1] -> hits 0,1
+    assert i2t.item() == pytest.approx(2 / 3)
+    assert t2i.item() == pytest.approx(2 / 3)
+
+
+def test_gradients_flow_to_image_features():
+    u = torch.randn(4, 6, requires_grad=True)
+    (contrastive_loss(u, torch.randn(4, 6)) + diversity_loss(u, torch.randn(4, 6))).backward()
+    assert u.grad is not None and u.grad.abs().sum() > 0
