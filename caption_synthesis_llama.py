@@ -20,8 +20,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     g = parser.add_argument_group("llama")
-    g.add_argument("--model", type=str, default=DEFAULT_MODEL, help="Instruction-tuned causal LM: hub id or local folder.")
-    g.add_argument("--instruction", type=str, default=DEFAULT_INSTRUCTION, help="Rewrite request; {caption} is replaced by the prompt.")
+    g.add_argument("--model", type=str, default=DEFAULT_MODEL,
+                   help="Instruction-tuned causal LM: hub id or local folder.")
+    g.add_argument("--instruction", type=str, default=DEFAULT_INSTRUCTION,
+                   help="Rewrite request; {caption} is replaced by the prompt.")
     g.add_argument("--batch_size", type=int, default=8, help="Prompts per generate() call.")
     g.add_argument("--max_new_tokens", type=int, default=60)
     g.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (K-1 samples per prompt).")

@@ -1,6 +1,7 @@
 """GPT backend through the real openai client on a mocked HTTP transport (no network)."""
 import json
 import threading
+from pathlib import Path
 
 import httpx
 import pytest
@@ -233,3 +234,20 @@ def test_gpt_auth_error_stops_the_run_with_a_clear_message(tmp_path, key):
         run(["--input_dir", str(src), "--inplace", "--max_concurrency", "1"], server)
     assert KEY not in str(e.value)
     assert len(server.calls) <= 2
+
+
+def test_gpt_cpi_1_and_recipe_defaults_with_flags_winning(tmp_path, key):
+    src = make_set(tmp_path / "set", n=2)
+    server = MockServer()
+    recipe = Path(__file__).resolve().parent.parent / "configs" / "caption_gpt.yaml"
+    summary = run(["--config", str(recipe), "--input_dir", str(src), "--output_dir", str(tmp_path / "o"),
+                   "--cpi", "1"], server)
+    assert server.calls == [] and summary["cpi"] == 1 and summary["model"] == "gpt-4o-mini"
+    assert [r["captions"] for r in read_distilled_set(tmp_path / "o").records] == [["a photo of object 0"],
+                                                                                   ["a photo of object 1"]]
+    (tmp_path / "busy").mkdir()
+    (tmp_path / "busy" / "notes.txt").write_text("x")
+    with pytest.raises(InputError, match="not empty"):
+        run(["--input_dir", str(src), "--output_dir", str(tmp_path / "busy")], server)
+    with pytest.raises(InputError, match="exactly one"):
+        run(["--input_dir", str(src)], server)

@@ -50,9 +50,12 @@ def run(tiny_sd, procedural, out, *extra):
 
 
 def set_bytes(folder):
-    """Every file of a distilled set (relative path -> bytes), without the preview."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != sampling.PREVIEW_FILE}
+    """Every file of a distilled set (relative path -> bytes); the manifest's code_version is left out
+    because the tree may change while the tests run."""
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    manifest = json.loads(files.pop("manifest.json"))
+    assert manifest.pop("code_version")
+    return files, manifest
 
 
 # ----------------------------------------------------------------------------- prompts

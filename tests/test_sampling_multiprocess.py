@@ -1,4 +1,5 @@
 """Two CPU processes under `accelerate launch` make exactly the set one process makes."""
+import json
 import os
 import socket
 import subprocess
@@ -22,7 +23,11 @@ def _free_port() -> int:
 
 
 def _files(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    """Every file's bytes; the manifest without code_version (the tree may change while tests run)."""
+    files = {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+    manifest = json.loads(files.pop("manifest.json"))
+    manifest.pop("code_version")
+    return files, manifest
 
 
 def test_two_processes_make_the_same_set_as_one(tmp_path, monkeypatch):

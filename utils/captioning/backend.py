@@ -27,6 +27,7 @@ class CaptionBackend:
     strip_boilerplate = True   # the instruction asked for a sentence: drop "The image shows ..."
     deterministic = False      # True when asking again returns the same captions (no top-up rounds)
     needs_images = True        # False for text-only backends
+    work_dir = None            # set by the runner: a folder for the backend's own caches
 
     def describe(self) -> dict:
         """What the manifest records: {"backend", "model", "instruction", "settings": {...}}."""

@@ -101,6 +101,7 @@ def run_captioning(args, backend) -> dict:
     dset = read_distilled_set(input_dir)
     out = _output_folder(args, input_dir)
     k_new = args.cpi - 1
+    backend.work_dir = out / Path(CACHE_FILE).parent
     backend.check()
 
     cache = CaptionCache(out / CACHE_FILE, settings_key(backend.cache_identity()))
@@ -123,7 +124,9 @@ def run_captioning(args, backend) -> dict:
         if not todo:
             break
         requests = [CaptionRequest(index=i, image=records[i]["image"], image_path=input_dir / records[i]["image"],
-                                   prompt=prompts[i], n=k_new - len(have[i]), attempt=attempt) for i in todo]
+                                   prompt=prompts[i], attempt=attempt,
+                                   # a deterministic backend repeats its best answers: ask for all, keep new ones
+                                   n=k_new if backend.deterministic else k_new - len(have[i])) for i in todo]
         desc = f"captioning ({backend.name})" + (f", round {attempt + 1}" if attempt else "")
         for req, result in tqdm(backend.generate(requests), total=len(requests), desc=desc):
             if isinstance(result, BaseException):

@@ -1,0 +1,1 @@
+"""Stage 4: the retrieval evaluation protocol (model, training loop, BLIP metrics, reports, CLI)."""

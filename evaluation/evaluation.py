@@ -1,0 +1,378 @@
+"""Stage 4: train the protocol's retrieval model on a distilled (or baseline) set, report recalls on a real test split.
+
+The protocol (MTT-VL / LoRS): a trainable image encoder (NFNet-L0), a frozen text encoder
+(bert-base-uncased CLS) with a trained projection head, temperature 0.07, symmetric InfoNCE, SGD
+(lr 0.1, momentum 0.9, weight decay 5e-4, x0.1 at mid-training), 100 epochs, evaluation every 5.
+Recalls follow BLIP's itm_eval. The reported epoch is the last one by default; `--selection best_val`
+picks it on the val split and `--selection best_test` applies LoRS's optimistic rule (best on test).
+
+Usage:
+    python -m evaluation.evaluation --dataset flickr30k --ann_root data/flickr30k/annotations \
+        --image_root data/flickr30k --distill_dir outputs/distilled/flickr_500 --seeds 3
+    python evaluation/evaluation.py --dataset procedural --ann_root data/procedural \
+        --baseline random --n 100 --image_encoder efficientnet_lite0 --text_encoder minilm --seeds 3 \
+        --results_table outputs/eval/results.md
+    python -m evaluation.evaluation --dataset flickr30k --ann_root ... --lors_pt lors_flickr_500.pt
+"""
+import argparse
+import os
+import random
+import re
+import sys
+import time
+from functools import partial
+from pathlib import Path
+
+if __package__ in (None, ""):
+    # Run as `python evaluation/evaluation.py`: make the repository root importable instead of this
+    # folder (whose evaluation.py would otherwise shadow the `evaluation` package).
+    _here = Path(__file__).resolve().parent
+    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
+    sys.path.insert(0, str(_here.parent))
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from utils.config import args_to_dict, parse_args_with_recipe, run_info, save_run_config  # noqa: E402
+from utils.errors import InputError, fail  # noqa: E402
+from utils.seeding import set_cpu_threads  # noqa: E402
+
+DATASETS = ("flickr30k", "coco", "procedural", "karpathy", "cc3m")
+
+
+def parse_args(argv=None):
+    """Command-line flags (a `--config` recipe may set their defaults)."""
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    g = p.add_argument_group("real data (test split, val split, and the train split for baselines)")
+    g.add_argument("--dataset", choices=DATASETS, required=False, default=None)
+    g.add_argument("--ann_root", type=str, default=None, help="annotation folder (or the procedural set folder)")
+    g.add_argument("--image_root", type=str, default=None, help="image root (default: from the data set layout)")
+    g = p.add_argument_group("what to train on (exactly one)")
+    g.add_argument("--distill_dir", type=str, default=None, help="a distilled-set folder")
+    g.add_argument("--lors_pt", type=str, default=None,
+                   help="a LoRS .pt set (images + text embeddings of --text_encoder's kind, used as saved)")
+    g.add_argument("--baseline", choices=("random", "full"), default=None,
+                   help="random: --n distinct real train images, one random caption each; full: all pairs")
+    g.add_argument("--n", type=int, default=None, help="size of the random baseline")
+    g.add_argument("--lors_learned_lr", action="store_true",
+                   help="with --lors_pt: use the set's learned syn_lr_img/syn_lr_txt as --lr_img/--lr_txt")
+    g = p.add_argument_group("model")
+    g.add_argument("--image_encoder", type=str, default="nfnet_l0",
+                   help="nfnet_l0 | efficientnet_lite0 | timm:<name> | local-dir:<folder> | open_clip:<arch>/<tag>")
+    g.add_argument("--text_encoder", type=str, default="bert-base-uncased",
+                   help="bert-base-uncased | bert:<folder> | minilm | open_clip:<arch>/<tag> | <folder>")
+    g.add_argument("--from_scratch", action="store_true", help="random-init image encoder (no pretrained weights)")
+    g.add_argument("--image_size", type=int, default=None,
+                   help="input size; default: the encoder's (procedural: the images' own size; LoRS: the set's)")
+    g.add_argument("--temperature", type=float, default=0.07)
+    g.add_argument("--dropout", type=float, default=0.1)
+    g = p.add_argument_group("training")
+    g.add_argument("--epochs", type=int, default=100)
+    g.add_argument("--eval_every", type=int, default=5)
+    g.add_argument("--batch_size_train", type=int, default=128)
+    g.add_argument("--batch_size_test", type=int, default=128)
+    g.add_argument("--lr_img", type=float, default=0.1)
+    g.add_argument("--lr_txt", type=float, default=0.1)
+    g.add_argument("--momentum", type=float, default=0.9)
+    g.add_argument("--weight_decay", type=float, default=5e-4)
+    g.add_argument("--lr_schedule", choices=("step", "constant"), default="step",
+                   help="step: x0.1 after half the epochs (LoRS)")
+    g.add_argument("--seed", type=int, default=0, help="first training seed; also draws the random baseline")
+    g.add_argument("--seeds", type=int, default=1, help="number of trainings (seeds seed..seed+N-1)")
+    g.add_argument("--selection", choices=("last", "best_val", "best_test"), default="last",
+                   help="which evaluated epoch is reported; best_test is LoRS's optimistic rule")
+    g.add_argument("--eval_val", action="store_true", help="also evaluate on val (implied by best_val)")
+    g.add_argument("--mixed_precision", choices=("no", "fp16", "bf16"), default="no")
+    g.add_argument("--cpu", action="store_true", help="force the CPU even when a GPU is present")
+    g.add_argument("--num_workers", type=int, default=2, help="image decoding workers")
+    g.add_argument("--num_threads", type=int, default=None, help="torch CPU threads (default: cores / processes)")
+    g = p.add_argument_group("outputs")
+    g.add_argument("--output_dir", type=str, default=None, help="default: outputs/eval/<run name>")
+    g.add_argument("--overwrite", action="store_true", help="replace an existing results.json in --output_dir")
+    g.add_argument("--run_name", type=str, default=None)
+    g.add_argument("--results_table", type=str, default=None, help="Markdown table file to append a row to")
+    g.add_argument("--save_model_dir", type=str, default=None,
+                   help="save the final model of each seed (seed_<s>/ when several) for use as a scorer")
+    g.add_argument("--feature_cache_dir", type=str, default=None,
+                   help="disk cache of frozen text features (default: $EDGE_CACHE_DIR or ~/.cache/edge/text_features)")
+    g.add_argument("--no_feature_cache", action="store_true", help="do not read or write the disk cache")
+    g.add_argument("--no_progress", action="store_true", help="hide progress bars")
+    args = parse_args_with_recipe(p, argv)
+    _validate_args(args)
+    return args
+
+
+def _validate_args(args) -> None:
+    sources = [s for s in (args.distill_dir, args.lors_pt, args.baseline) if s]
+    if len(sources) != 1:
+        raise fail("give exactly one training source: --distill_dir, --lors_pt or --baseline {random,full}")
+    if args.dataset is None:
+        raise fail("--dataset is required (the real test split to evaluate on)")
+    if args.baseline == "random" and (args.n is None or args.n < 2):
+        raise fail("--baseline random needs --n (at least 2)")
+    if args.n is not None and args.baseline != "random":
+        raise fail("--n only applies to --baseline random")
+    if args.lors_learned_lr and not args.lors_pt:
+        raise fail("--lors_learned_lr only applies to --lors_pt")
+    for name in ("epochs", "eval_every", "batch_size_train", "batch_size_test", "seeds"):
+        if getattr(args, name) < 1:
+            raise fail(f"--{name} must be at least 1")
+    if args.batch_size_train < 2:
+        raise fail("--batch_size_train must be at least 2 (contrastive negatives)")
+    if args.image_size is not None and args.image_size < 8:
+        raise fail("--image_size must be at least 8")
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _default_cache_dir(args):
+    if args.no_feature_cache:
+        return None
+    if args.feature_cache_dir:
+        return Path(args.feature_cache_dir)
+    base = os.environ.get("EDGE_CACHE_DIR") or Path.home() / ".cache" / "edge"
+    return Path(base) / "text_features"
+
+
+def source_name(args) -> str:
+    """Short name of the training source (random-100, full, distilled:<folder>, lors:<file>)."""
+    if args.baseline == "random":
+        return f"random-{args.n}"
+    if args.baseline == "full":
+        return "full"
+    if args.distill_dir:
+        return f"distilled:{Path(args.distill_dir).resolve().name}"
+    return f"lors:{Path(args.lors_pt).stem}"
+
+
+def default_run_name(args) -> str:
+    """<dataset> <source> [<image encoder>+<text encoder>]."""
+    return f"{args.dataset} {source_name(args)} [{args.image_encoder}+{args.text_encoder}]"
+
+
+def _slug(text: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_")[:120]
+
+
+def _eval_split(args, split, size, text_encoder, cache_dir):
+    from dataset.registry import load_split, resolve_split
+    from dataset.torch_datasets import RetrievalEvalDataset
+
+    from evaluation.train_retrieval import EvalSplit, cached_text_features, load_images_uint8, resize_to_uint8
+
+    _, image_root = resolve_split(args.dataset, split, args.ann_root, args.image_root)
+    entries = load_split(args.dataset, split, args.ann_root, args.image_root)
+    ds = RetrievalEvalDataset(entries, image_root, transform=partial(resize_to_uint8, size=size))
+    if len(ds.texts) == 0:
+        raise fail(f"{args.dataset} {split} split has no captions")
+    images = load_images_uint8(ds, args.num_workers, desc=f"{split} images")
+    feats = cached_text_features(text_encoder, ds.texts, cache_dir)
+    return EvalSplit(name=split, images=images, text_features=feats, img2txt=ds.img2txt, txt2img=ds.txt2img)
+
+
+def _native_image_size(args) -> int:
+    """Size of the first test image (the procedural set's own resolution)."""
+    from dataset.images import load_image
+    from dataset.registry import load_split, resolve_split
+
+    _, image_root = resolve_split(args.dataset, "test", args.ann_root, args.image_root)
+    first = load_split(args.dataset, "test", args.ann_root, args.image_root, check_images=False)[0]
+    w, h = load_image(Path(image_root) / first["image"]).size
+    return max(w, h)
+
+
+def _train_groups(args):
+    """(groups [{"image", "captions"}], image root) of a distilled set or a real-data baseline."""
+    from dataset.karpathy import group_by_image
+    from dataset.registry import load_split, resolve_split
+
+    if args.distill_dir:
+        from dataset.distilled import read_distilled_set
+
+        ds = read_distilled_set(args.distill_dir)
+        if len(ds) == 0:
+            raise fail(f"distilled set {args.distill_dir} has no images")
+        return ds.groups, Path(ds.folder)
+    _, image_root = resolve_split(args.dataset, "train", args.ann_root, args.image_root)
+    groups = group_by_image(load_split(args.dataset, "train", args.ann_root, args.image_root))
+    if args.baseline == "full":
+        return groups, image_root
+    if args.n > len(groups):
+        raise fail(f"--n {args.n} exceeds the {len(groups)} images of the {args.dataset} train split")
+    rng = random.Random(args.seed)
+    chosen = sorted(rng.sample(range(len(groups)), args.n))
+    return [{**groups[i], "captions": [rng.choice(groups[i]["captions"])]} for i in chosen], image_root
+
+
+def build_train_set(args, size, text_encoder, cache_dir):
+    """The training set in memory (TrainSet) and a description of it for results.json."""
+    from dataset.torch_datasets import ImageCaptionTrainDataset
+
+    from evaluation.train_retrieval import TrainSet, cached_text_features, load_images_uint8, resize_to_uint8
+
+    if args.lors_pt:
+        from dataset.lors import read_lors_pt
+
+        lors = read_lors_pt(args.lors_pt)
+        if lors.text_embed.shape[1] != text_encoder.dim:
+            raise fail(f"{args.lors_pt}: text embeddings have dim {lors.text_embed.shape[1]} but text encoder "
+                       f"{args.text_encoder!r} gives {text_encoder.dim}; pass the encoder the set was made with")
+        images = lors.images
+        if images.shape[1] == 1:
+            images = images.repeat(1, 3, 1, 1)
+        if images.shape[-1] != size or images.shape[-2] != size:
+            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
+        train = TrainSet(images=images.contiguous(), caption_ids=[[i] for i in range(len(lors))],
+                         text_features=lors.text_embed, normalized=True, name=str(args.lors_pt))
+        return train, {"n_images": len(lors), "n_captions": len(lors), "source": str(args.lors_pt)}
+    groups, image_root = _train_groups(args)
+    captions, caption_ids = [], []
+    for g in groups:
+        caption_ids.append(list(range(len(captions), len(captions) + len(g["captions"]))))
+        captions.extend(g["captions"])
+    ds = ImageCaptionTrainDataset(groups, image_root, transform=partial(resize_to_uint8, size=size))
+    images = load_images_uint8(ds, args.num_workers, desc="train images")
+    feats = cached_text_features(text_encoder, captions, cache_dir)
+    train = TrainSet(images=images, caption_ids=caption_ids, text_features=feats, name=str(image_root))
+    info = {"n_images": len(groups), "n_captions": len(captions), "source": str(args.distill_dir or image_root),
+            "images": [g["image"] for g in groups] if len(groups) <= 2000 else None}
+    return train, info
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(args):
+    """Run the evaluation; returns the results dict (also written to <output_dir>/results.json)."""
+    from accelerate import Accelerator
+
+    from utils.encoders import build_text_encoder
+
+    from evaluation.report import aggregate, append_table_row, plot_r_mean, table_row, write_results_json
+    from evaluation.retrieval_model import build_retrieval_model, save_retrieval_model
+    from evaluation.train_retrieval import SELECTION_LABELS, TrainConfig, select_entry, train_retrieval
+
+    start = time.time()
+    set_cpu_threads(args.num_threads)
+    run_name = args.run_name or default_run_name(args)
+    output_dir = Path(args.output_dir or Path("outputs") / "eval" / _slug(run_name))
+    if (output_dir / "results.json").exists() and not args.overwrite:
+        raise fail(f"{output_dir / 'results.json'} exists; pass --overwrite or another --output_dir")
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    device = accelerator.device
+    progress = not args.no_progress
+    cache_dir = _default_cache_dir(args)
+
+    # Validate every input before any model is built or trained.
+    from dataset.registry import resolve_split
+
+    resolve_split(args.dataset, "test", args.ann_root, args.image_root)
+    use_val = args.selection == "best_val" or args.eval_val
+    if use_val:
+        resolve_split(args.dataset, "val", args.ann_root, args.image_root)
+    _, preprocess, _ = _probe_image_encoder(args)
+    if args.image_size:
+        size = args.image_size
+    elif args.lors_pt:
+        from dataset.lors import read_lors_pt
+
+        size = int(read_lors_pt(args.lors_pt).images.shape[-1])
+    elif args.dataset == "procedural":
+        size = _native_image_size(args)
+    else:
+        size = int(preprocess["size"])
+    preprocess = {**preprocess, "size": size}
+
+    text_encoder = build_text_encoder(args.text_encoder, device=device)
+    train, train_info = build_train_set(args, size, text_encoder, cache_dir)
+    test = _eval_split(args, "test", size, text_encoder, cache_dir)
+    val = _eval_split(args, "val", size, text_encoder, cache_dir) if use_val else None
+    text_encoder.to("cpu")
+
+    cfg = TrainConfig(epochs=args.epochs, eval_every=args.eval_every, batch_size_train=args.batch_size_train,
+                      batch_size_test=args.batch_size_test, lr_img=args.lr_img, lr_txt=args.lr_txt,
+                      momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
+                      eval_val=use_val)
+    if args.lors_learned_lr:
+        cfg.lr_img, cfg.lr_txt = _lors_learned_lrs(args.lors_pt)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(args, output_dir)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    histories, per_seed, seed_times = {}, [], {}
+    for seed in seeds:
+        t0 = time.time()
+        torch.manual_seed(seed)  # the head's (and a from-scratch encoder's) initialisation
+        model, _ = build_retrieval_model(args.image_encoder, text_encoder.dim, pretrained=not args.from_scratch,
+                                         temperature=args.temperature, dropout=args.dropout)
+        history = train_retrieval(model, train, test, preprocess, cfg, accelerator, seed, val=val,
+                                  progress=progress)
+        chosen = select_entry(history, args.selection)
+        histories[seed] = history
+        per_seed.append({"seed": seed, "selected_epoch": chosen["epoch"], "test": chosen["test"],
+                         **({"val": chosen["val"]} if "val" in chosen else {})})
+        seed_times[seed] = time.time() - t0
+        if args.save_model_dir:
+            folder = Path(args.save_model_dir) / (f"seed_{seed}" if len(seeds) > 1 else "")
+            save_retrieval_model(accelerator.unwrap_model(model).cpu(), folder, {
+                "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
+                "text_dim": text_encoder.dim, "preprocess": preprocess, "dropout": args.dropout,
+                "trained_on": source_name(args), "dataset": args.dataset, "seed": seed, "epochs": args.epochs})
+        accelerator.free_memory()
+        del model
+        accelerator.print(f"seed {seed}: epoch {chosen['epoch']} ({args.selection}) r_mean "
+                          f"{chosen['test']['r_mean']:.2f}  [{seed_times[seed]:.0f}s]")
+
+    summary = aggregate([r["test"] for r in per_seed])
+    wall = time.time() - start
+    label = SELECTION_LABELS[args.selection]
+    results = {
+        "run_name": run_name,
+        "config": args_to_dict(args),
+        **run_info(),
+        "image_size": size,
+        "preprocess": preprocess,
+        "train_set": train_info,
+        "test_split": {"n_images": int(test.images.shape[0]), "n_captions": len(test.txt2img)},
+        "selection": {"rule": args.selection, "label": label},
+        "seeds": seeds,
+        "per_seed": per_seed,
+        "summary": summary,
+        "history": {str(s): h for s, h in histories.items()},
+        "wall_time_s": wall,
+        "seed_wall_time_s": {str(s): t for s, t in seed_times.items()},
+    }
+    write_results_json(output_dir / "results.json", results)
+    plot_r_mean(output_dir / "r_mean.png", histories, f"{run_name} ({label})")
+    row = table_row(run_name, label, summary, seeds, wall)
+    if args.results_table:
+        append_table_row(args.results_table, row)
+    accelerator.print(row)
+    return results
+
+
+def _probe_image_encoder(args):
+    """Build the image encoder once up front so a missing model fails before data loading."""
+    from utils.encoders import build_image_encoder
+
+    return build_image_encoder(args.image_encoder, pretrained=not args.from_scratch)
+
+
+def _lors_learned_lrs(path):
+    from dataset.lors import read_lors_pt
+
+    extras = read_lors_pt(path).extras
+    try:
+        return float(extras["syn_lr_img"]), float(extras["syn_lr_txt"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise fail(f"{path}: --lors_learned_lr needs scalar 'syn_lr_img' and 'syn_lr_txt' entries")
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)

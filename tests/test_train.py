@@ -1,0 +1,157 @@
+"""edge_diffusion_train.py on a tiny model: losses fall, resume repeats, bad input, NaN stop, LoRA, VAE mode."""
+import json
+import os
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import edge_diffusion_train as script
+from utils.errors import InputError
+from utils.training import TrainingDiverged
+
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory):
+    from dataset.procedural import ProceduralSpec, generate_procedural_dataset
+    from utils.scorers import build_tiny_hf_clip
+    from utils.sd_models import build_tiny_sd
+
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp("train_assets")
+    spec = ProceduralSpec(resolution=32, n_train=8, n_val=1, n_test=1, captions_per_image=1)
+    return {"sd": str(build_tiny_sd(root / "sd")), "data": str(generate_procedural_dataset(root / "proc", spec,
+                                                                                           progress=False)),
+            "clip": str(build_tiny_hf_clip(root / "clip"))}
+
+
+def _argv(assets, out, *extra):
+    return ["--pretrained_model_name_or_path", assets["sd"], "--dataset", "procedural", "--ann_root", assets["data"],
+            "--output_dir", str(out), "--resolution", "32", "--scorer", f"hf_clip:{assets['clip']}",
+            "--report_to", "none", "--seed", "3", *extra]
+
+
+def _log(out):
+    return [json.loads(line) for line in (out / "logs" / "train_log.jsonl").read_text().splitlines()]
+
+
+def test_losses_go_down(assets, tmp_path):
+    out = tmp_path / "run"
+    script.main(script.parse_args(_argv(assets, out, "--train_batch_size", "4", "--max_train_samples", "4",
+                                        "--max_train_steps", "30", "--checkpointing_steps", "0", "--trainable", "full",
+                                        "--optimizer", "adamw", "--learning_rate", "1e-3", "--t_min", "400",
+                                        "--t_max", "600")))
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, 31))
+    first = sum(r["loss"] for r in log[:5]) / 5
+    last = sum(r["loss"] for r in log[-5:]) / 5
+    assert last < first - 0.03, (first, last)
+    assert all({"contrastive", "diversity", "top1_i2t", "top1_t2i"} <= set(r) for r in log)
+    assert (out / "logs" / "loss_curves.png").stat().st_size > 1000
+    from diffusers import StableDiffusionPipeline
+
+    pipe = StableDiffusionPipeline.from_pretrained(out)
+    base = load_file(os.path.join(assets["sd"], "unet", "diffusion_pytorch_model.safetensors"))
+    trained = pipe.unet.state_dict()
+    assert any(not torch.equal(trained[k], base[k]) for k in base)
+
+
+def test_resume_repeats_uninterrupted_run(assets, tmp_path):
+    common = ("--train_batch_size", "2", "--max_train_steps", "6", "--checkpointing_steps", "2",
+              "--trainable", "difffit", "--optimizer", "adamw", "--learning_rate", "1e-2", "--lambda_mse", "1",
+              "--checkpoints_total_limit", "2")
+    full = tmp_path / "full"
+    script.main(script.parse_args(_argv(assets, full, *common)))
+    assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
+    # A run killed after its checkpoint at step 4, with log records past it.
+    resumed = tmp_path / "resumed"
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    shutil.copy(full / "run_config.json", resumed / "run_config.json")
+    (resumed / "logs").mkdir()
+    (resumed / "logs" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _log(full)[:5]))
+    with pytest.raises(InputError, match="already holds a run"):
+        script.parse_args(_argv(assets, resumed, *common)) and script.main(script.parse_args(_argv(assets, resumed,
+                                                                                                     *common)))
+    script.main(script.parse_args(_argv(assets, resumed, *common, "--resume_from_checkpoint", "latest")))
+    a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    log = _log(resumed)
+    assert [r["step"] for r in log] == list(range(1, 7))
+    assert log[-1]["loss"] == pytest.approx(_log(full)[-1]["loss"], rel=1e-6)
+
+
+def test_bad_inputs(assets, tmp_path):
+    with pytest.raises(InputError, match="at least 2 captions"):
+        script.main(script.parse_args(_argv(assets, tmp_path / "a", "--train_batch_size", "1")))
+    with pytest.raises(InputError, match="could not load|model_index"):
+        argv = _argv(assets, tmp_path / "b", "--train_batch_size", "2")
+        argv[1] = str(tmp_path / "no_model")
+        script.main(script.parse_args(argv))
+    with pytest.raises(InputError, match="not found"):
+        script.main(script.parse_args(_argv(assets, tmp_path / "c", "--train_batch_size", "2",
+                                            "--scorer", f"hf_clip:{tmp_path}/no_clip")))
+    with pytest.raises(InputError, match="loss weights"):
+        script.parse_args(_argv(assets, tmp_path / "d", "--lambda_contrastive", "0", "--lambda_diversity", "0"))
+    with pytest.raises(InputError, match="unknown"):
+        script.parse_args(_argv(assets, tmp_path / "e", "--diversity_on", "latent")) if False else \
+            script.parse_args(["--config", str(_recipe(tmp_path, {"lambda_contrastiv": 1}))])
+
+
+def _recipe(tmp_path, data):
+    path = tmp_path / "recipe.json"
+    path.write_text(json.dumps(data))
+    return path
+
+
+def test_nan_loss_stops_at_step_and_keeps_checkpoint(assets, tmp_path, monkeypatch):
+    import utils.training as training
+
+    real, calls = training.edge_losses, []
+
+    def poisoned(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        if len(calls) == 3:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    monkeypatch.setattr(training, "edge_losses", poisoned)
+    out = tmp_path / "nan"
+    with pytest.raises(TrainingDiverged, match=r"step 3 .*checkpoint-2"):
+        script.main(script.parse_args(_argv(assets, out, "--train_batch_size", "2", "--max_train_steps", "5",
+                                            "--checkpointing_steps", "2")))
+    assert (out / "checkpoint-2" / "unet").is_dir()
+    assert not (out / "model_index.json").exists()
+
+
+def test_lora_output_loads_on_base(assets, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    out = tmp_path / "lora"
+    script.main(script.parse_args(_argv(assets, out, "--train_batch_size", "2", "--max_train_steps", "2",
+                                        "--checkpointing_steps", "2", "--trainable", "lora", "--lora_rank", "2",
+                                        "--optimizer", "adamw", "--learning_rate", "1e-2")))
+    assert (out / "pytorch_lora_weights.safetensors").is_file()
+    assert (out / "checkpoint-2" / "pytorch_lora_weights.safetensors").is_file()
+    pipe = StableDiffusionPipeline.from_pretrained(assets["sd"], safety_checker=None)
+    pipe.load_lora_weights(out)
+    assert any("lora" in n for n, _ in pipe.unet.named_parameters())
+
+
+def test_train_vae_mode(assets, tmp_path):
+    from diffusers import AutoencoderKL
+
+    out = tmp_path / "vae"
+    script.main(script.parse_args(_argv(assets, out, "--train_vae", "--train_batch_size", "4", "--max_train_steps",
+                                        "4", "--optimizer", "adamw", "--learning_rate", "1e-3")))
+    vae = AutoencoderKL.from_pretrained(out, subfolder="vae")
+    base = AutoencoderKL.from_pretrained(assets["sd"], subfolder="vae")
+    assert vae.config.scaling_factor != base.config.scaling_factor
+    assert any(not torch.equal(a, b) for a, b in zip(vae.state_dict().values(), base.state_dict().values()))
+    assert (out / "logs" / "vae_reconstructions.png").is_file()
+    assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
