@@ -74,12 +74,15 @@ def test_resume_repeats_uninterrupted_run(assets, tmp_path):
     (resumed / "logs").mkdir()
     (resumed / "logs" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _log(full)[:5]))
     with pytest.raises(InputError, match="already holds a run"):
-        script.parse_args(_argv(assets, resumed, *common)) and script.main(script.parse_args(_argv(assets, resumed,
-                                                                                                     *common)))
+        script.main(script.parse_args(_argv(assets, resumed, *common)))
     script.main(script.parse_args(_argv(assets, resumed, *common, "--resume_from_checkpoint", "latest")))
     a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
     b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    at4 = load_file(full / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors")
+    # equal up to float summation order (CPU kernels are not bitwise reproducible across processes);
+    # the two steps after the checkpoint moved the weights by orders of magnitude more
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
+    assert max((a[k] - at4[k]).abs().max().item() for k in a) > 1e-3
     log = _log(resumed)
     assert [r["step"] for r in log] == list(range(1, 7))
     assert log[-1]["loss"] == pytest.approx(_log(full)[-1]["loss"], rel=1e-6)
@@ -97,9 +100,8 @@ def test_bad_inputs(assets, tmp_path):
                                             "--scorer", f"hf_clip:{tmp_path}/no_clip")))
     with pytest.raises(InputError, match="loss weights"):
         script.parse_args(_argv(assets, tmp_path / "d", "--lambda_contrastive", "0", "--lambda_diversity", "0"))
-    with pytest.raises(InputError, match="unknown"):
-        script.parse_args(_argv(assets, tmp_path / "e", "--diversity_on", "latent")) if False else \
-            script.parse_args(["--config", str(_recipe(tmp_path, {"lambda_contrastiv": 1}))])
+    with pytest.raises(InputError, match="unknown option"):
+        script.parse_args(["--config", str(_recipe(tmp_path, {"lambda_contrastiv": 1}))])
 
 
 def _recipe(tmp_path, data):

@@ -7,6 +7,7 @@ cached, so a rerun asks again. The API key is read from OPENAI_API_KEY only.
 import base64
 import mimetypes
 import os
+import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
 from utils.errors import fail
@@ -102,16 +103,20 @@ class GPTBackend(CaptionBackend):
     def _safe_caption(self, request):
         import openai
 
+        if self._refused.is_set():  # an earlier request was refused: send no more
+            return RuntimeError("not sent: the API refused an earlier request")
         try:
             return self.caption_one(request)
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
             # every other image would fail the same way: stop the run
+            self._refused.set()
             raise fail(f"the API at {self.client.base_url} refused the request for model {self.model!r}: "
                        f"{self._redact(' '.join(str(e).split()))[:300]}")
         except Exception as e:  # noqa: BLE001 - any other error after retries is this image's failure
             return RuntimeError(self._redact(f"{type(e).__name__}: {e}"))
 
     def generate(self, requests):
+        self._refused = threading.Event()
         pool = ThreadPoolExecutor(max_workers=self.max_concurrency)
         try:
             futures = {pool.submit(self._safe_caption, r): r for r in requests}
