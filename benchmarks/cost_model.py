@@ -185,7 +185,7 @@ def set_unet_trainable(unet, trainable: str) -> None:
     configure_trainable(unet, trainable)
 
 
-def unet_call(unet, res_latent: int, batch: int = 1, requires_grad: bool = False):
+def unet_call(unet, res_latent: int, batch: int = 1):
     """A closure running the UNet on a noisy latent of side `res_latent` with 77x768 text states."""
     def run():
         x = _meta((batch, unet.config.in_channels, res_latent, res_latent))
@@ -241,7 +241,8 @@ def edge_step(models: dict, res_latent: int, checkpointing: bool = False):
 
     def run():
         abar = torch.tensor(0.5, device="meta")
-        z0, eps = _meta((1, 4, res_latent, res_latent)), _meta((1, 4, res_latent, res_latent))
+        shape = (1, unet.config.in_channels, res_latent, res_latent)
+        z0, eps = _meta(shape), _meta(shape)
         zt = abar.sqrt() * z0 + (1 - abar).sqrt() * eps
         states = _meta((1, TEXT_TOKENS, unet.config.cross_attention_dim))
         eps_hat = unet(zt, torch.full((1,), 500, device="meta"), states).sample
@@ -301,3 +302,192 @@ def count_all(resolutions, sample_resolution: int, batch_size: int, progress=pri
         )
         progress(f"counted {res} px in {time.time() - t0:.1f} s")
     return counts
+
+
+# ---------------------------------------------------------------- report
+
+def _g(flops: float) -> str:
+    return f"{flops / 1e9:,.1f}" if flops >= 1e8 else f"{flops / 1e9:.4f}"
+
+
+def _h(hours: float) -> str:
+    return f"{hours:,.2f}" if abs(hours) < 10 else f"{hours:,.1f}"
+
+
+def report(counts: dict, args) -> str:
+    """The Markdown tables of the cost model for the counts of `count_all` and the run's flags."""
+    res_list = sorted({args.public_resolution, args.resolution})
+    lo, hi = sorted(args.mfu_range)
+    hours = lambda f: gpu_hours(f, args.peak_tflops, args.mfu)  # noqa: E731
+    span = lambda f: f"{_h(gpu_hours(f, args.peak_tflops, hi))}–{_h(gpu_hours(f, args.peak_tflops, lo))}"  # noqa: E731
+    samples = args.pairs * args.epochs
+    steps = training_steps(args.pairs, args.batch_size, args.epochs)
+    loss_step = counts["edge_loss_per_step"]
+    by = counts["by_res"]
+    lines = []
+    add = lines.append
+
+    add(f"Counted with FlopCounterMode on the meta device at batch 1 (linear in the batch). "
+        f"GPU-hours on one RTX A5000 at {args.peak_tflops:g} TFLOPS dense fp16 x MFU {args.mfu:g} "
+        f"(range: MFU {hi:g}–{lo:g}). Training: {args.epochs} epochs x {args.pairs:,} pairs = {samples:,} "
+        f"samples, batch {args.batch_size} ({steps:,} steps), DiffFit (bias + norm) UNet. "
+        f"Sampling: {args.num_images} images at {args.sample_resolution} px, {args.steps} steps, "
+        f"{args.unet_evals_per_step} UNet evaluations per step (classifier-free guidance).")
+    add("")
+    add("**Per training sample, GFLOP** (forward; backward counted directly with training's requires_grad)")
+    add("")
+    add("| part | " + " | ".join(f"{r} px ({r // 8}x{r // 8} latents)" for r in res_list) + " |")
+    add("|---|" + "---:|" * len(res_list))
+    rows = [
+        ("CLIP ViT-L/14 text encoder, forward (frozen, cacheable)", lambda b: b["parts"].text_encoder),
+        ("VAE encode, forward (frozen, cacheable)", lambda b: b["parts"].vae_encode),
+        ("UNet forward", lambda b: b["parts"].unet_forward),
+        ("UNet backward, DiffFit (bias + norm weight gradients)", lambda b: b["parts"].unet_backward),
+        ("UNet backward, full fine-tuning", lambda b: b["unet_backward_full"]),
+        ("VAE decode of the x0 estimate, forward", lambda b: b["parts"].vae_decode_forward),
+        ("VAE decode, backward (activation gradients)", lambda b: b["parts"].vae_decode_backward),
+        ("scorer ViT-B/32 image forward (224 px)", lambda b: b["parts"].scorer_image_forward),
+        ("scorer image backward (activation gradients)", lambda b: b["parts"].scorer_image_backward),
+        ("scorer ViT-B/32 text forward (cacheable)", lambda b: b["parts"].scorer_text),
+        (f"EDGE losses forward + backward (batch {args.batch_size}, per sample)",
+         lambda b: loss_step / args.batch_size),
+        ("**plain fine-tuning sample** (UNet fwd + bwd + encoders)", lambda b: plain_sample_flops(b["parts"])),
+        ("**EDGE sample** (plain + decode + scorer, fwd + bwd)",
+         lambda b: edge_sample_flops(b["parts"]) + loss_step / args.batch_size),
+        ("check: UNet -> x0 -> decode -> scorer counted in one pass",
+         lambda b: b["edge_step"]),
+        ("  same parts summed", lambda b: sum((b["parts"].unet_forward, b["parts"].unet_backward,
+                                               b["parts"].vae_decode_forward, b["parts"].vae_decode_backward,
+                                               b["parts"].scorer_image_forward, b["parts"].scorer_image_backward))),
+    ]
+    for name, fn in rows:
+        add(f"| {name} | " + " | ".join(_g(fn(by[r])) for r in res_list) + " |")
+    add("| EDGE sample / plain sample | " + " | ".join(
+        f"{edge_sample_flops(by[r]['parts']) / plain_sample_flops(by[r]['parts']):.2f}x" for r in res_list) + " |")
+    add("")
+
+    sample_flops = sampling_flops(by[args.sample_resolution]["parts"].unet_forward, counts["text_encoder"],
+                                  by[args.sample_resolution]["parts"].vae_decode_forward, args.num_images,
+                                  args.steps, args.unet_evals_per_step)
+    add(f"**Whole runs** (GPU-hours at MFU {args.mfu:g}; range at MFU {hi:g}–{lo:g})")
+    add("")
+    add("| run | PFLOP | GPU-h | range | MFU that makes it 13.6 h |")
+    add("|---|---:|---:|---:|---:|")
+    edge_total = {}
+    for r in res_list:
+        p = by[r]["parts"]
+        plain = training_flops(plain_sample_flops(p), args.pairs, args.epochs)
+        edge = training_flops(edge_sample_flops(p), args.pairs, args.epochs, loss_step, args.batch_size)
+        edge_total[r] = edge + sample_flops
+        add(f"| plain fine-tuning at {r} px | {plain / 1e15:,.0f} | {_h(hours(plain))} | {span(plain)} | |")
+        add(f"| EDGE fine-tuning at {r} px | {edge / 1e15:,.0f} | {_h(hours(edge))} | {span(edge)} | |")
+    add(f"| sampling {args.num_images} images, {args.steps} steps, {args.sample_resolution} px | "
+        f"{sample_flops / 1e15:,.1f} | {_h(hours(sample_flops))} | {span(sample_flops)} | |")
+    for r in res_list:
+        f = edge_total[r]
+        add(f"| **EDGE total: fine-tuning at {r} px + sampling** | {f / 1e15:,.0f} | **{_h(hours(f))}** | "
+            f"{span(f)} | {implied_mfu(f, PAPER_EDGE_GPU_HOURS, args.peak_tflops):.2f} |")
+    add(f"| paper: EDGE, 500-pair Flickr30K set | | {PAPER_EDGE_GPU_HOURS} | | |")
+    add(f"| paper: LoRS, same set | | {PAPER_LORS_GPU_HOURS} | | |")
+    add("")
+
+    add(f"**What each speed-up saves** (GPU-hours at MFU {args.mfu:g}; share of the EDGE total "
+        f"fine-tuning + sampling at that training resolution; negative = extra cost)")
+    add("")
+    add("| speed-up | " + " | ".join(f"train at {r} px" for r in res_list) + " |")
+    add("|---|" + "---:|" * len(res_list))
+    sr = by[SCORER_RESOLUTION]
+
+    def saved(fn):
+        cells = []
+        for r in res_list:
+            f = fn(by[r])
+            cells.append(f"{_h(hours(f))} h ({100 * f / edge_total[r]:.0f}%)")
+        return " | ".join(cells)
+
+    decode = lambda b: b["parts"].vae_decode_forward + b["parts"].vae_decode_backward  # noqa: E731
+    add(f"| (a) decode for the scorer at {SCORER_RESOLUTION} px ({SCORER_RESOLUTION // 8}x{SCORER_RESOLUTION // 8} "
+        f"latents) with the SD VAE | " + saved(lambda b: (decode(b) - decode(sr)) * samples) + " |")
+    add(f"| (a) TAESD decoder at the training resolution | "
+        + saved(lambda b: (decode(b) - b["taesd_forward"] - b["taesd_backward"]) * samples) + " |")
+    add(f"| (a) TAESD decoder at {SCORER_RESOLUTION} px | "
+        + saved(lambda b: (decode(b) - sr["taesd_forward"] - sr["taesd_backward"]) * samples) + " |")
+    add(f"| (b) cache VAE latents ({args.train_images:,} images, once) and text features (once per caption) | "
+        + saved(lambda b: (edge_sample_flops(b["parts"]) - edge_sample_flops(b["parts"], cached=True)) * samples
+                - cache_flops(b["parts"], args.train_images, args.pairs)) + " |")
+    add("| (c) gradient checkpointing of UNet + VAE decoder (recomputes forwards; saves memory) | "
+        + saved(lambda b: (b["edge_step"] - b["edge_step_checkpointed"]) * samples) + " |")
+    fast = sampling_flops(by[args.sample_resolution]["parts"].unet_forward, counts["text_encoder"],
+                          by[args.sample_resolution]["parts"].vae_decode_forward, args.num_images,
+                          args.fast_steps, args.unet_evals_per_step)
+    add(f"| (d) DPM-Solver++ {args.fast_steps} steps instead of {args.steps} for sampling | "
+        + saved(lambda b: sample_flops - fast) + " |")
+    add("| (e) DiffFit instead of full fine-tuning (weight gradients of the UNet's matmuls/convs) | "
+        + saved(lambda b: (b["unet_backward_full"] - b["parts"].unet_backward) * samples) + " |")
+    add("| (e) ... as a share of the full UNet backward | " + " | ".join(
+        f"{100 * (by[r]['unet_backward_full'] - by[r]['parts'].unet_backward) / by[r]['unet_backward_full']:.0f}%"
+        for r in res_list) + " |")
+    best = {}
+    for r in res_list:
+        b = by[r]
+        p = b["parts"]
+        tiny = PartFlops(**{**vars(p), "vae_decode_forward": sr["taesd_forward"],
+                            "vae_decode_backward": sr["taesd_backward"]})
+        best[r] = (training_flops(edge_sample_flops(tiny, cached=True), args.pairs, args.epochs, loss_step,
+                                  args.batch_size) + cache_flops(p, args.train_images, args.pairs) + fast)
+    add(f"| EDGE total with (a) TAESD at {SCORER_RESOLUTION} px + (b) + (d) | " + " | ".join(
+        f"{_h(hours(best[r]))} h ({edge_total[r] / best[r]:.1f}x less)" for r in res_list) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Flags of the cost model (a recipe given with --config sets defaults)."""
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--mfu", type=float, default=0.35, help="Model FLOP utilisation assumed.")
+    parser.add_argument("--mfu_range", type=float, nargs=2, default=[0.25, 0.45], metavar=("LOW", "HIGH"),
+                        help="Utilisation range shown beside the central estimate.")
+    parser.add_argument("--peak_tflops", type=float, default=A5000_DENSE_FP16_TFLOPS,
+                        help="Peak dense throughput of the GPU (RTX A5000 fp16 tensor cores: 111.1).")
+    parser.add_argument("--resolution", type=int, default=512, help="Training resolution in pixels.")
+    parser.add_argument("--public_resolution", type=int, default=224,
+                        help="Second training resolution shown (the public EDGE code trains at 224 px).")
+    parser.add_argument("--sample_resolution", type=int, default=512, help="Sampling resolution in pixels.")
+    parser.add_argument("--batch_size", type=int, default=128)
+    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--pairs", type=int, default=145000, help="Training pairs (Flickr30K: 29k images x 5).")
+    parser.add_argument("--train_images", type=int, default=29000, help="Distinct training images.")
+    parser.add_argument("--num_images", type=int, default=500, help="Images sampled for the distilled set.")
+    parser.add_argument("--steps", type=int, default=50, help="Sampling steps.")
+    parser.add_argument("--fast_steps", type=int, default=20, help="Sampling steps of DPM-Solver++ in (d).")
+    parser.add_argument("--unet_evals_per_step", type=int, default=2, choices=(1, 2),
+                        help="2 with classifier-free guidance, 1 without.")
+    args = parse_args_with_recipe(parser, argv)
+    for name in ("resolution", "public_resolution", "sample_resolution"):
+        value = getattr(args, name)
+        if value < 64 or value % 8:
+            raise fail(f"--{name} must be a multiple of 8 and at least 64, got {value}")
+    for name in ("batch_size", "epochs", "pairs", "train_images", "num_images", "steps", "fast_steps"):
+        if getattr(args, name) < 1:
+            raise fail(f"--{name} must be >= 1, got {getattr(args, name)}")
+    for value in (args.mfu, *args.mfu_range):
+        if not 0 < value <= 1:
+            raise fail(f"--mfu and --mfu_range must lie in (0, 1], got {value}")
+    if args.peak_tflops <= 0:
+        raise fail(f"--peak_tflops must be positive, got {args.peak_tflops}")
+    return args
+
+
+def main(args) -> str:
+    """Count, print and return the Markdown report."""
+    t0 = time.time()
+    counts = count_all([args.resolution, args.public_resolution], args.sample_resolution, args.batch_size,
+                       progress=lambda msg: print(msg, file=sys.stderr))
+    text = report(counts, args)
+    print(text)
+    print(f"counted in {time.time() - t0:.0f} s", file=sys.stderr)
+    return text
+
+
+if __name__ == "__main__":
+    main(parse_args())

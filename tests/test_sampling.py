@@ -21,11 +21,15 @@ STEPS = "3"
 
 @pytest.fixture(scope="module", autouse=True)
 def _one_thread():
-    old = torch.get_num_threads()
+    old, old_env = torch.get_num_threads(), os.environ.get("OMP_NUM_THREADS")
     torch.set_num_threads(1)
     os.environ["OMP_NUM_THREADS"] = "1"  # set_cpu_threads inside the stage reads it
     yield
     torch.set_num_threads(old)
+    if old_env is None:
+        os.environ.pop("OMP_NUM_THREADS")
+    else:
+        os.environ["OMP_NUM_THREADS"] = old_env
 
 
 @pytest.fixture(scope="module")
@@ -243,3 +247,31 @@ def test_convert_from_legacy_layout(tmp_path):
     (legacy / "prompts" / "2.txt").unlink()
     with pytest.raises(InputError, match="2.png has no prompt file"):
         main(parse_args(["--convert_from_legacy", str(legacy), "--output_dir", str(tmp_path / "n2")]))
+
+
+def test_lora_run_folder_is_sampled_as_base_plus_lora(tiny_sd, tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    from utils.sd_models import load_sd_components
+    from utils.trainable_params import configure_trainable, lora_state_dict
+
+    unet = load_sd_components(tiny_sd).unet
+    configure_trainable(unet, "lora", lora_rank=2)
+    with torch.no_grad():  # peft starts LoRA B at zero (a no-op); make it act
+        for name, p in unet.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5, generator=torch.Generator().manual_seed(0))
+    run_dir = tmp_path / "lora_run"
+    StableDiffusionPipeline.save_lora_weights(run_dir, unet_lora_layers=lora_state_dict(unet))
+    (tmp_path / "p.txt").write_text("a red circle\n")
+    common = ["--prompts_file", str(tmp_path / "p.txt"), "--num_inference_steps", "2", "--preview_n", "0",
+              "--no_progress"]
+    with pytest.raises(InputError, match="holds LoRA weights.*--lora_weights"):
+        main(parse_args(["--pretrained_model_name_or_path", str(run_dir), "--output_dir", str(tmp_path / "x"),
+                         *common]))
+    base = main(parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--output_dir", str(tmp_path / "b"),
+                            *common]))
+    lora = main(parse_args(["--pretrained_model_name_or_path", str(tiny_sd), "--lora_weights", str(run_dir),
+                            "--output_dir", str(tmp_path / "l"), *common]))
+    assert read_distilled_set(lora).manifest["lora_weights"] == str(run_dir.resolve())
+    assert (lora / "images/000000.png").read_bytes() != (base / "images/000000.png").read_bytes()

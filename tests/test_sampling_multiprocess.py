@@ -30,6 +30,7 @@ def _files(folder):
     return files, manifest
 
 
+@pytest.mark.slow
 def test_two_processes_make_the_same_set_as_one(tmp_path, monkeypatch):
     accelerate = Path(sys.executable).parent / "accelerate"
     if not accelerate.exists():

@@ -123,6 +123,7 @@ def load_sampling_pipeline(model, dtype: str = "no", scheduler: str = "default",
 
     if dtype not in DTYPES:
         raise fail(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
+    _refuse_lora_only_folder(model)
     pipe = load_sd_pipeline(model, torch_dtype=DTYPES[dtype])
     if lora_weights:
         path = Path(str(lora_weights))
@@ -146,6 +147,26 @@ def load_sampling_pipeline(model, dtype: str = "no", scheduler: str = "default",
         raise fail(f"unknown attention {attention!r}; choose sdpa or eager")
     pipe.set_progress_bar_config(disable=True)
     return pipe
+
+
+def _refuse_lora_only_folder(model) -> None:
+    """A LoRA run folder is not a pipeline: say which flags to use (and the base model it was trained on)."""
+    import json
+
+    path = Path(str(model))
+    if not path.is_dir() or (path / "model_index.json").exists():
+        return
+    if not any(path.glob("*lora*.safetensors")) and not any(path.glob("*lora*.bin")):
+        return
+    base = None
+    if (path / "run_config.json").is_file():
+        try:
+            base = json.loads((path / "run_config.json").read_text()).get("args", {}).get(
+                "pretrained_model_name_or_path")
+        except (json.JSONDecodeError, AttributeError):
+            base = None
+    raise fail(f"{path} holds LoRA weights, not a full pipeline: pass the base model as "
+               f"--pretrained_model_name_or_path{f' ({base})' if base else ''} and {path} as --lora_weights")
 
 
 def default_size(pipe) -> tuple:

@@ -161,6 +161,7 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         loss = loss + cfg.lambda_contrastive * out["contrastive"] + cfg.lambda_diversity * out["diversity"]
         with torch.no_grad():
             out["top1_i2t"], out["top1_t2i"] = retrieval_top1(all_u, all_v)
+            out["scored_batch"] = torch.tensor(float(all_u.shape[0]))
     out["loss"] = loss
     return out
 
@@ -282,9 +283,10 @@ def check_output_dir(args) -> None:
     if holds_run and not args.resume_from_checkpoint and not args.overwrite_output_dir:
         raise fail(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
                    f"--overwrite_output_dir to replace it, or choose another folder")
-    if holds_run and args.overwrite_output_dir and not args.resume_from_checkpoint:
+    if holds_run and args.overwrite_output_dir and not args.resume_from_checkpoint \
+            and int(os.environ.get("RANK", "0")) == 0:  # runs before the Accelerator exists
         for p in list_checkpoints(out):
-            shutil.rmtree(p)
+            shutil.rmtree(p, ignore_errors=True)
         (out / "logs" / LOG_NAME).unlink(missing_ok=True)
 
 

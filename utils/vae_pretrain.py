@@ -90,7 +90,7 @@ def pretrain_vae(args) -> Path:
             optimizer.zero_grad(set_to_none=True)
             step += 1
             bar.update(1)
-            record = {"step": step, "epoch": epoch, **{k: float(v) for k, v in terms.items()},
+            record = {"step": step, "epoch": epoch, **{k: float(v.detach()) for k, v in terms.items()},
                       "time": round(time.time() - t0, 3)}
             bar.set_postfix(recon=f"{record['recon']:.4f}")
             if accelerator.is_main_process:

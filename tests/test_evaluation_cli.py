@@ -1,0 +1,136 @@
+"""The evaluation CLI end to end on a tiny procedural set with tiny saved encoders (1-2 epochs)."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from dataset.distilled import write_distilled_set
+from dataset.procedural import ProceduralSpec, generate_procedural_dataset
+from evaluation.evaluation import main, parse_args
+from evaluation.retrieval_model import load_retrieval_model
+from utils.errors import InputError
+
+from test_encoders import save_tiny_bert, save_tiny_nfnet
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    base = tmp_path_factory.mktemp("evalcli")
+    data = generate_procedural_dataset(base / "proc", ProceduralSpec(resolution=32, n_train=16, n_val=6, n_test=8),
+                                       seed=0, progress=False)
+    return {"base": base, "data": data, "nf": save_tiny_nfnet(base / "nf"), "bert": save_tiny_bert(base / "bert")}
+
+
+def _argv(env, out, *extra):
+    return ["--dataset", "procedural", "--ann_root", str(env["data"]), "--image_encoder", f"local-dir:{env['nf']}",
+            "--text_encoder", f"bert:{env['bert']}", "--epochs", "2", "--eval_every", "1", "--batch_size_train", "8",
+            "--num_workers", "0", "--output_dir", str(out), "--feature_cache_dir", str(env["base"] / "cache"),
+            "--no_progress", *extra]
+
+
+def test_random_baseline_two_seeds_outputs(env):
+    out = env["base"] / "run_random"
+    table = env["base"] / "results.md"
+    res = main(parse_args(_argv(env, out, "--baseline", "random", "--n", "6", "--seeds", "2", "--selection",
+                                "best_val", "--results_table", str(table), "--save_model_dir",
+                                str(env["base"] / "model"))))
+    saved = json.loads((out / "results.json").read_text())
+    assert saved["seeds"] == [0, 1] and saved["train_set"]["n_images"] == 6 and saved["train_set"]["n_captions"] == 6
+    assert saved["image_size"] == 32 and saved["test_split"] == {"n_images": 8, "n_captions": 40}
+    assert saved["selection"]["rule"] == "best_val"
+    for seed in ("0", "1"):
+        hist = saved["history"][seed]
+        assert [h["epoch"] for h in hist] == [1, 2] and all("val" in h and "test" in h for h in hist)
+    for key, stats in saved["summary"].items():
+        vals = [r["test"][key] for r in saved["per_seed"]]
+        assert stats["mean"] == pytest.approx(sum(vals) / 2)
+        assert 0.0 <= stats["mean"] <= 100.0
+    assert res["summary"] == saved["summary"]
+    assert (out / "r_mean.png").stat().st_size > 1000 and (out / "run_config.json").is_file()
+    rows = table.read_text().splitlines()
+    assert len(rows) == 3 and "best epoch on val" in rows[2] and "0,1" in rows[2]
+    model, text_encoder, pre = load_retrieval_model(env["base"] / "model" / "seed_1", "cpu")
+    assert pre["size"] == 32
+    with torch.no_grad():
+        f = model.image_features(torch.randn(2, 3, 32, 32))
+    assert f.shape == (2, 64)
+    # the random subset is drawn from --seed: same images on a rerun
+    again = main(parse_args(_argv(env, env["base"] / "run_random2", "--baseline", "random", "--n", "6",
+                                  "--epochs", "1")))
+    assert again["train_set"]["images"] == saved["train_set"]["images"]
+
+
+def test_best_test_label_and_refuses_overwrite(env):
+    out = env["base"] / "run_full"
+    res = main(parse_args(_argv(env, out, "--baseline", "full", "--selection", "best_test", "--epochs", "1")))
+    assert "optimistic, LoRS rule" in res["selection"]["label"]
+    assert res["train_set"]["n_images"] == 16 and res["train_set"]["n_captions"] == 80
+    with pytest.raises(InputError, match="exists"):
+        main(parse_args(_argv(env, out, "--baseline", "full", "--epochs", "1")))
+
+
+def _make_distilled(folder, n=4, with_missing=False):
+    (folder / "images").mkdir(parents=True)
+    records = []
+    for i in range(n):
+        Image.new("RGB", (40, 40), (60 * i % 255, 100, 200)).save(folder / "images" / f"{i:06d}.png")
+        records.append({"image": f"images/{i:06d}.png", "captions": [f"a red circle {i}", f"a shape {i}"]})
+    write_distilled_set(folder, records, {"model": "test"})
+    if with_missing:
+        (folder / "images" / "000001.png").unlink()
+    return folder
+
+
+def test_distilled_set_and_lors_pt(env):
+    folder = _make_distilled(env["base"] / "distilled")
+    res = main(parse_args(_argv(env, env["base"] / "run_dist", "--distill_dir", str(folder), "--epochs", "1")))
+    assert res["train_set"]["n_images"] == 4 and res["train_set"]["n_captions"] == 8
+    pt = env["base"] / "lors.pt"
+    torch.save({"image": torch.randn(5, 3, 16, 16), "text": torch.randn(5, 32),
+                "syn_lr_img": torch.tensor(0.05), "syn_lr_txt": torch.tensor(0.02)}, pt)
+    res = main(parse_args(_argv(env, env["base"] / "run_lors", "--lors_pt", str(pt), "--epochs", "1",
+                                "--lors_learned_lr")))
+    assert res["image_size"] == 16 and res["train_set"]["n_images"] == 5
+    bad = env["base"] / "lors_bad.pt"
+    torch.save({"image": torch.randn(5, 3, 16, 16), "text": torch.randn(5, 768)}, bad)
+    with pytest.raises(InputError, match="dim 768"):
+        main(parse_args(_argv(env, env["base"] / "run_lors_bad", "--lors_pt", str(bad))))
+
+
+def test_bad_inputs_fail_before_training(env, tmp_path):
+    missing = _make_distilled(tmp_path / "missing_image", with_missing=True)
+    with pytest.raises(InputError, match="000001.png"):
+        main(parse_args(_argv(env, tmp_path / "o1", "--distill_dir", str(missing))))
+    empty = tmp_path / "empty"
+    (empty / "annotations").mkdir(parents=True)
+    (empty / "annotations" / "train.json").write_text("[]")
+    with pytest.raises(InputError, match="empty"):
+        main(parse_args(_argv(env, tmp_path / "o2", "--distill_dir", str(empty))))
+    with pytest.raises(InputError, match="test"):
+        main(parse_args(["--dataset", "flickr30k", "--ann_root", str(tmp_path), "--baseline", "full",
+                         "--output_dir", str(tmp_path / "o3")]))
+    with pytest.raises(InputError, match="exceeds"):
+        main(parse_args(_argv(env, tmp_path / "o4", "--baseline", "random", "--n", "999")))
+    with pytest.raises(InputError, match="exactly one"):
+        parse_args(_argv(env, tmp_path / "o5", "--baseline", "full", "--distill_dir", str(missing)))
+    with pytest.raises(InputError, match="--n"):
+        parse_args(_argv(env, tmp_path / "o6", "--baseline", "random"))
+    assert not (tmp_path / "o1" / "results.json").exists()
+
+
+def test_runs_as_a_script_from_any_folder(tmp_path):
+    for cmd in ([sys.executable, str(ROOT / "evaluation" / "evaluation.py"), "--help"],
+                [sys.executable, "-m", "evaluation.evaluation", "--help"]):
+        cwd = tmp_path if cmd[1] != "-m" else ROOT
+        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert "--selection" in proc.stdout
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluation" / "evaluation.py"), "--dataset", "procedural",
+                           "--baseline", "random"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ")
