@@ -1,0 +1,244 @@
+"""The whole EDGE pipeline offline, stage by stage, each through the script a user would run by hand.
+
+Stages: data -> scorer -> base model (shipped checkpoint, or built from scratch) -> EDGE fine-tuning
+-> sampling before/after -> caption synthesis (cpi 2) -> evaluation of five training sets -> report.
+Each stage runs as a subprocess with a recipe from configs/ plus path flags; a stage is skipped on a
+rerun when its recorded command is unchanged and its own manifest says it finished.
+
+Usage:
+    python -m demo.run_demo --output_dir outputs/demo
+    python -m demo.run_demo --output_dir outputs/mydata --data path/to/annotations --images path/to/images
+    python -m demo.run_demo --output_dir outputs/demo --from_scratch     # do not start from the shipped model
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from utils.atomic_io import atomic_write_json
+from utils.config import parse_args_with_recipe, save_run_config
+from utils.errors import InputError, fail
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED_MODEL = ROOT / "assets" / "demo_sd"
+EVAL_RUNS = ("random_100", "sd_before_edge", "edge_cpi1", "edge_cpi2", "full_real")
+
+
+def parse_args(argv=None):
+    """Command-line flags of the demo driver."""
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--output_dir", default="outputs/demo")
+    p.add_argument("--data", default=None, help="Karpathy annotation folder of your own data (default: procedural)")
+    p.add_argument("--images", default=None, help="Image root of --data")
+    p.add_argument("--from_scratch", action="store_true",
+                   help="Build and pre-train the small SD here instead of starting from assets/demo_sd")
+    p.add_argument("--num_images", type=int, default=100, help="Size of the distilled set")
+    p.add_argument("--seeds", type=int, default=3, help="Evaluation seeds per training set")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quick", action="store_true",
+                   help="A much smaller configuration of the same pipeline (the end-to-end test)")
+    p.add_argument("--data_config", default="configs/demo_data.yaml")
+    p.add_argument("--vae_config", default="configs/demo_vae.yaml")
+    p.add_argument("--pretrain_config", default="configs/demo_pretrain.yaml")
+    p.add_argument("--edge_config", default="configs/demo_edge.yaml")
+    p.add_argument("--sample_config", default="configs/sample_demo.yaml")
+    p.add_argument("--caption_config", default="configs/caption_retrieval.yaml")
+    p.add_argument("--scorer_config", default="configs/demo_scorer.yaml")
+    p.add_argument("--eval_config", default="configs/demo_eval.yaml")
+    args = parse_args_with_recipe(p, argv)
+    if bool(args.data) != bool(args.images):
+        raise fail("--data and --images go together (annotation folder and image root of your data)")
+    if args.num_images < 2:
+        raise fail(f"--num_images must be at least 2, got {args.num_images}")
+    return args
+
+
+# ---------------------------------------------------------------- stage bookkeeping
+
+class StageRunner:
+    """Runs stage commands, records them in demo_state.json, and skips finished ones on a rerun."""
+
+    def __init__(self, output_dir: Path):
+        self.output_dir = output_dir
+        self.state_path = output_dir / "demo_state.json"
+        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
+        self.log_dir = output_dir / "logs"
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+
+    def run(self, name: str, cmd: list, done_check) -> float:
+        """Run `cmd` unless the same command already finished and `done_check()` confirms its outputs."""
+        cmd = [str(c) for c in cmd]
+        prev = self.state.get(name)
+        if prev and prev.get("command") == cmd[1:] and done_check():
+            print(f"[demo] {name}: finished earlier ({prev['wall_time_s']:.0f} s), skipped")
+            return prev["wall_time_s"]
+        print(f"[demo] {name}: {' '.join(cmd[1:])}", flush=True)
+        log = self.log_dir / f"{name}.log"
+        env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
+        start = time.time()
+        with open(log, "w") as f:
+            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        wall = time.time() - start
+        if proc.returncode != 0:
+            tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
+            raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+        if not done_check():
+            raise RuntimeError(f"stage {name} exited 0 but its outputs are incomplete; see {log}")
+        self.state[name] = {"command": cmd[1:], "wall_time_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        atomic_write_json(self.state_path, self.state)
+        print(f"[demo] {name}: done in {wall:.0f} s", flush=True)
+        return wall
+
+
+def _manifest_complete(folder: Path) -> bool:
+    path = folder / "manifest.json"
+    try:
+        return json.loads(path.read_text()).get("status") == "complete"
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _is_pipeline(folder: Path) -> bool:
+    return (folder / "model_index.json").is_file() and (folder / "unet").is_dir()
+
+
+def _has_results(folder: Path) -> bool:
+    try:
+        return "summary" in json.loads((folder / "results.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+
+
+def _python(module_or_script: str) -> list:
+    if module_or_script.endswith(".py"):
+        return [sys.executable, module_or_script]
+    return [sys.executable, "-m", module_or_script]
+
+
+# ---------------------------------------------------------------- the pipeline
+
+def data_flags(args, data_dir: Path) -> list:
+    """The data set flags every stage gets."""
+    if args.data:
+        return ["--dataset", "karpathy", "--ann_root", args.data, "--image_root", args.images]
+    return ["--dataset", "procedural", "--ann_root", data_dir]
+
+
+def quick_overrides(args, stage: str) -> list:
+    """Flags that shrink a stage for the end-to-end test (--quick); the recipes stay as they are."""
+    if not args.quick:
+        return []
+    return {
+        "data": ["--n_train", "200", "--n_val", "20", "--n_test", "50"],
+        "scorer": ["--epochs", "2", "--eval_every", "2"],
+        "vae": ["--max_train_steps", "20"],
+        "pretrain": ["--max_train_steps", "20", "--checkpointing_steps", "10", "--validation_steps", "10"],
+        "edge": ["--max_train_steps", "10", "--checkpointing_steps", "5", "--validation_steps", "5"],
+        "sample": ["--num_inference_steps", "4"],
+        "eval": ["--epochs", "2", "--eval_every", "1"],
+    }[stage]
+
+
+def run_pipeline(args) -> dict:
+    """Run (or resume) every stage; returns paths and wall times for the report."""
+    out = Path(args.output_dir).resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    save_run_config(args, out, name="demo_config.json")
+    runner = StageRunner(out)
+    times = {}
+    data_dir = out / "data"
+    dflags = data_flags(args, data_dir)
+
+    if not args.data:
+        times["data"] = runner.run("data", _python("dataset.procedural") + [
+            "--config", args.data_config, "--output_dir", data_dir, "--seed", args.seed] + quick_overrides(args, "data"),
+            lambda: (data_dir / "spec.json").is_file())
+
+    scorer_dir = out / "scorer"
+    times["scorer"] = runner.run("scorer", _python("evaluation.evaluation") + [
+        "--config", args.scorer_config, *dflags, "--baseline", "full", "--seeds", "1", "--seed", args.seed,
+        "--output_dir", out / "eval" / "scorer", "--save_model_dir", scorer_dir, "--overwrite",
+        "--no_progress"] + quick_overrides(args, "scorer"),
+        lambda: (scorer_dir / "retrieval_config.json").is_file() and (scorer_dir / "retrieval_model.safetensors").is_file())
+
+    use_shipped = not args.from_scratch and not args.data and not args.quick and _is_pipeline(SHIPPED_MODEL)
+    if use_shipped:
+        base = SHIPPED_MODEL
+        times["base model"] = 0.0
+    else:
+        tiny = out / "models" / "tiny_init"
+        times["build tiny SD"] = runner.run("build_tiny_sd", _python("utils.sd_models") + [
+            "--output_dir", tiny, "--resolution", "32", "--text_encoder", "minilm",
+            "--prediction_type", "v_prediction", "--zero_snr", "--seed", args.seed], lambda: _is_pipeline(tiny))
+        vae_dir = out / "models" / "vae"
+        times["VAE pre-training"] = runner.run("vae", _python("edge_diffusion_train.py") + [
+            "--config", args.vae_config, *dflags, "--pretrained_model_name_or_path", tiny, "--output_dir", vae_dir,
+            "--seed", args.seed] + quick_overrides(args, "vae"), lambda: _is_pipeline(vae_dir))
+        base = out / "models" / "pretrained"
+        times["SD pre-training"] = runner.run("pretrain", _python("edge_diffusion_train.py") + [
+            "--config", args.pretrain_config, *dflags, "--pretrained_model_name_or_path", vae_dir,
+            "--output_dir", base, "--seed", args.seed] + quick_overrides(args, "pretrain"), lambda: _is_pipeline(base))
+
+    edge_dir = out / "models" / "edge"
+    times["EDGE fine-tuning"] = runner.run("edge", _python("edge_diffusion_train.py") + [
+        "--config", args.edge_config, *dflags, "--pretrained_model_name_or_path", base, "--output_dir", edge_dir,
+        "--scorer", f"retrieval:{scorer_dir}", "--seed", args.seed] + quick_overrides(args, "edge"),
+        lambda: _is_pipeline(edge_dir))
+
+    sets = out / "sets"
+    for name, model in (("sd_before_edge", base), ("edge_cpi1", edge_dir)):
+        times[f"sampling ({name})"] = runner.run(f"sample_{name}", _python("edge_diffusion_sampling.py") + [
+            "--config", args.sample_config, *dflags, "--pretrained_model_name_or_path", model,
+            "--num_queries", args.num_images, "--output_dir", sets / name, "--seed", args.seed]
+            + quick_overrides(args, "sample"), lambda n=name: _manifest_complete(sets / n))
+
+    times["caption synthesis (cpi 2)"] = runner.run("caption", _python("caption_synthesis_retrieval.py") + [
+        "--config", args.caption_config, *dflags, "--input_dir", sets / "edge_cpi1", "--output_dir", sets / "edge_cpi2",
+        "--cpi", "2", "--scorer", f"retrieval:{scorer_dir}", "--seed", args.seed],
+        lambda: _caption_done(sets / "edge_cpi2"))
+
+    results_table = out / "results.md"
+    eval_inputs = {
+        "random_100": ["--baseline", "random", "--n", args.num_images],
+        "sd_before_edge": ["--distill_dir", sets / "sd_before_edge"],
+        "edge_cpi1": ["--distill_dir", sets / "edge_cpi1"],
+        "edge_cpi2": ["--distill_dir", sets / "edge_cpi2"],
+        "full_real": ["--baseline", "full"],
+    }
+    for name in EVAL_RUNS:
+        folder = out / "eval" / name
+        times[f"evaluation ({name})"] = runner.run(f"eval_{name}", _python("evaluation.evaluation") + [
+            "--config", args.eval_config, *dflags, *eval_inputs[name], "--seeds", args.seeds, "--seed", args.seed,
+            "--run_name", name, "--output_dir", folder, "--results_table", results_table, "--overwrite",
+            "--no_progress"] + quick_overrides(args, "eval"), lambda f=folder: _has_results(f))
+    return {"output_dir": out, "data_dir": None if args.data else data_dir, "base_model": base,
+            "used_shipped_model": use_shipped, "edge_model": edge_dir, "sets": sets, "times": times}
+
+
+def _caption_done(folder: Path) -> bool:
+    try:
+        manifest = json.loads((folder / "manifest.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return False
+    return "captions" in manifest and (folder / "annotations" / "train.json").is_file()
+
+
+def main(args) -> Path:
+    """Run the pipeline and write the report; returns the report path."""
+    from demo.report import write_report
+
+    info = run_pipeline(args)
+    report = write_report(args, info)
+    print(f"[demo] report: {report}")
+    return report
+
+
+if __name__ == "__main__":
+    try:
+        main(parse_args())
+    except InputError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
