@@ -31,3 +31,10 @@ demo: install
 
 clean-demo:
 	rm -rf $(DEMO_OUT)
+
+# The small pre-trained SD shipped in assets/demo_sd (the demo's starting point), rebuilt from scratch:
+# procedural data -> tiny SD (2-layer MiniLM, v-prediction, zero-terminal SNR) -> VAE -> UNet -> fp16 export.
+.PHONY: demo-model
+demo-model: install
+	$(PY) -m dataset.procedural --config configs/demo_data.yaml --output_dir data/procedural32
+	$(PY) -m demo.build_demo_model --data data/procedural32 --work_dir runs/demo_model --output_dir assets/demo_sd

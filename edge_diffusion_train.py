@@ -20,6 +20,7 @@ import sys
 
 from utils.config import parse_args_with_recipe
 from utils.errors import InputError, fail
+from utils.cheap_decode import SCORER_DECODE_MODES
 from utils.losses import DIVERSITY_MODES
 from utils.trainable_params import TRAINABLE_SETS
 
@@ -53,7 +54,13 @@ def build_parser() -> argparse.ArgumentParser:
     a("--num_train_epochs", type=int, default=10)
     a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     a("--gradient_accumulation_steps", type=int, default=1)
-    a("--gradient_checkpointing", action="store_true")
+    a("--gradient_checkpointing", action="store_true",
+      help="recompute UNet (and, with the EDGE losses, VAE decoder) activations in the backward: less memory, more time")
+    a("--channels_last", action="store_true", help="UNet and VAE in channels-last memory format (faster convs on GPUs)")
+    a("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder (slow first steps)")
+    a("--cache_latents", action="store_true",
+      help="encode every training image once and sample its latent from the cached posterior (mean, std) each "
+           "step; with --random_flip both mirror images are cached; not with --random_crop")
     a("--optimizer", choices=("sgd", "adamw"), default="sgd")
     a("--learning_rate", type=float, default=1e-3)
     a("--sgd_momentum", type=float, default=0.0)
@@ -83,6 +90,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points; image")
     a("--gather_features", action="store_true", help="contrastive/diversity over the features of all processes")
     a("--x0_clamp", type=float, default=None, help="clamp the denoised latent estimate to [-c, c]")
+    a("--scorer_decode", choices=SCORER_DECODE_MODES, default="full",
+      help="full: decode x0 with the VAE at its size; reduced: resize the latent so its decode has the scorer's "
+           "input size (approximation); tiny: decode with --tiny_vae (approximation)")
+    a("--tiny_vae", default=None, help="AutoencoderTiny folder for --scorer_decode tiny (e.g. a local TAESD copy)")
     # checkpoints, logging, validation
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
@@ -123,6 +134,13 @@ def validate_args(args) -> None:
         raise fail(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
     if args.x0_clamp is not None and args.x0_clamp <= 0:
         raise fail(f"--x0_clamp must be positive, got {args.x0_clamp}")
+    if args.scorer_decode == "tiny" and not args.tiny_vae:
+        raise fail("--scorer_decode tiny needs --tiny_vae <AutoencoderTiny folder>")
+    if args.tiny_vae and args.scorer_decode != "tiny":
+        raise fail(f"--tiny_vae is only used with --scorer_decode tiny (got --scorer_decode {args.scorer_decode})")
+    if args.cache_latents and not args.center_crop:
+        raise fail("--cache_latents cannot be combined with --random_crop: each epoch crops other pixels, "
+                   "so a cached latent would stand for one crop only; drop one of the two flags")
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise fail("--checkpoints_total_limit must be at least 1")
 

@@ -13,6 +13,7 @@ Usage:
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -24,6 +25,8 @@ from utils.errors import InputError, fail
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = ROOT / "assets" / "demo_sd"
+# Training stages continue from their checkpoints after a stop, and start over when their command changed.
+TRAIN_RERUN = {"resume_flags": ["--resume_from_checkpoint", "latest"], "fresh_flags": ["--overwrite_output_dir"]}
 EVAL_RUNS = ("random_100", "sd_before_edge", "edge_cpi1", "edge_cpi2", "full_real")
 
 
@@ -67,27 +70,42 @@ class StageRunner:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         self.log_dir = output_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
+        self.upstream_ran = False  # once a stage runs, the later ones see new inputs and run again
 
-    def run(self, name: str, cmd: list, done_check) -> float:
-        """Run `cmd` unless the same command already finished and `done_check()` confirms its outputs."""
+    def run(self, name: str, cmd: list, done_check, resume_flags=(), fresh_flags=(), fresh_clear=None) -> float:
+        """Run `cmd` unless the same command already finished and `done_check()` confirms its outputs.
+
+        A stage that was started with the same command but did not finish gets `resume_flags` (it
+        continues from its checkpoints); a stage whose command changed gets `fresh_flags` (it replaces
+        the old outputs, or has the folder `fresh_clear` removed first), as does every stage after one
+        that ran (its inputs are new).
+        """
         cmd = [str(c) for c in cmd]
         prev = self.state.get(name)
-        if prev and prev.get("command") == cmd[1:] and done_check():
+        same = bool(prev) and prev.get("command") == cmd[1:] and not self.upstream_ran
+        if same and prev.get("status") == "done" and done_check():
             print(f"[demo] {name}: finished earlier ({prev['wall_time_s']:.0f} s), skipped")
             return prev["wall_time_s"]
-        print(f"[demo] {name}: {' '.join(cmd[1:])}", flush=True)
+        extra = [str(f) for f in (resume_flags if same else fresh_flags)]
+        if not same and fresh_clear is not None and Path(fresh_clear).exists():
+            shutil.rmtree(fresh_clear)
+        print(f"[demo] {name}: {' '.join(cmd[1:] + extra)}", flush=True)
+        self.upstream_ran = True
+        self.state[name] = {"command": cmd[1:], "status": "started"}
+        atomic_write_json(self.state_path, self.state)
         log = self.log_dir / f"{name}.log"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
         start = time.time()
-        with open(log, "w") as f:
-            proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        with open(log, "a") as f:
+            proc = subprocess.run(cmd + extra, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         wall = time.time() - start
         if proc.returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
             raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
         if not done_check():
             raise RuntimeError(f"stage {name} exited 0 but its outputs are incomplete; see {log}")
-        self.state[name] = {"command": cmd[1:], "wall_time_s": wall, "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+        self.state[name] = {"command": cmd[1:], "status": "done", "wall_time_s": wall,
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_json(self.state_path, self.state)
         print(f"[demo] {name}: done in {wall:.0f} s", flush=True)
         return wall
@@ -155,7 +173,7 @@ def run_pipeline(args) -> dict:
     if not args.data:
         times["data"] = runner.run("data", _python("dataset.procedural") + [
             "--config", args.data_config, "--output_dir", data_dir, "--seed", args.seed] + quick_overrides(args, "data"),
-            lambda: (data_dir / "spec.json").is_file())
+            lambda: (data_dir / "spec.json").is_file(), fresh_flags=["--overwrite"])
 
     scorer_dir = out / "scorer"
     times["scorer"] = runner.run("scorer", _python("evaluation.evaluation") + [
@@ -164,41 +182,42 @@ def run_pipeline(args) -> dict:
         "--no_progress"] + quick_overrides(args, "scorer"),
         lambda: (scorer_dir / "retrieval_config.json").is_file() and (scorer_dir / "retrieval_model.safetensors").is_file())
 
-    use_shipped = not args.from_scratch and not args.data and not args.quick and _is_pipeline(SHIPPED_MODEL)
+    use_shipped = not args.from_scratch and not args.data and _is_pipeline(SHIPPED_MODEL)
     if use_shipped:
         base = SHIPPED_MODEL
         times["base model"] = 0.0
     else:
-        tiny = out / "models" / "tiny_init"
-        times["build tiny SD"] = runner.run("build_tiny_sd", _python("utils.sd_models") + [
-            "--output_dir", tiny, "--resolution", "32", "--text_encoder", "minilm",
-            "--prediction_type", "v_prediction", "--zero_snr", "--seed", args.seed], lambda: _is_pipeline(tiny))
+        tiny = out / "models" / "init"
+        times["build small SD"] = runner.run("init_model", _python("demo.build_demo_model") + [
+            "--init_only", "--data", args.data or data_dir, "--work_dir", out / "models", "--seed", args.seed],
+            lambda: _is_pipeline(tiny))
         vae_dir = out / "models" / "vae"
         times["VAE pre-training"] = runner.run("vae", _python("edge_diffusion_train.py") + [
             "--config", args.vae_config, *dflags, "--pretrained_model_name_or_path", tiny, "--output_dir", vae_dir,
-            "--seed", args.seed] + quick_overrides(args, "vae"), lambda: _is_pipeline(vae_dir))
+            "--seed", args.seed] + quick_overrides(args, "vae"), lambda: _is_pipeline(vae_dir), **TRAIN_RERUN)
         base = out / "models" / "pretrained"
         times["SD pre-training"] = runner.run("pretrain", _python("edge_diffusion_train.py") + [
             "--config", args.pretrain_config, *dflags, "--pretrained_model_name_or_path", vae_dir,
-            "--output_dir", base, "--seed", args.seed] + quick_overrides(args, "pretrain"), lambda: _is_pipeline(base))
+            "--output_dir", base, "--seed", args.seed] + quick_overrides(args, "pretrain"), lambda: _is_pipeline(base),
+            **TRAIN_RERUN)
 
     edge_dir = out / "models" / "edge"
     times["EDGE fine-tuning"] = runner.run("edge", _python("edge_diffusion_train.py") + [
         "--config", args.edge_config, *dflags, "--pretrained_model_name_or_path", base, "--output_dir", edge_dir,
         "--scorer", f"retrieval:{scorer_dir}", "--seed", args.seed] + quick_overrides(args, "edge"),
-        lambda: _is_pipeline(edge_dir))
+        lambda: _is_pipeline(edge_dir), **TRAIN_RERUN)
 
     sets = out / "sets"
     for name, model in (("sd_before_edge", base), ("edge_cpi1", edge_dir)):
         times[f"sampling ({name})"] = runner.run(f"sample_{name}", _python("edge_diffusion_sampling.py") + [
             "--config", args.sample_config, *dflags, "--pretrained_model_name_or_path", model,
             "--num_queries", args.num_images, "--output_dir", sets / name, "--seed", args.seed]
-            + quick_overrides(args, "sample"), lambda n=name: _manifest_complete(sets / n))
+            + quick_overrides(args, "sample"), lambda n=name: _manifest_complete(sets / n), fresh_flags=["--overwrite"])
 
     times["caption synthesis (cpi 2)"] = runner.run("caption", _python("caption_synthesis_retrieval.py") + [
         "--config", args.caption_config, *dflags, "--input_dir", sets / "edge_cpi1", "--output_dir", sets / "edge_cpi2",
         "--cpi", "2", "--scorer", f"retrieval:{scorer_dir}", "--seed", args.seed],
-        lambda: _caption_done(sets / "edge_cpi2"))
+        lambda: _caption_done(sets / "edge_cpi2"), fresh_clear=sets / "edge_cpi2")
 
     results_table = out / "results.md"
     eval_inputs = {

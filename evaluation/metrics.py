@@ -27,8 +27,8 @@ def itm_recalls(scores_i2t, scores_t2i, img2txt, txt2img) -> dict:
     txt2img[t]: image index of caption t. TR@K: an image is a hit when the best-ranked of ANY of its
     captions ranks < K. IR@K: per caption, its image ranks < K. r_mean is the mean of the six recalls.
     """
-    scores_i2t = np.asarray(scores_i2t, dtype=np.float64)
-    scores_t2i = np.asarray(scores_t2i, dtype=np.float64)
+    scores_i2t = np.asarray(scores_i2t)  # kept in its dtype: a COCO float32 matrix is 0.5 GB already
+    scores_t2i = np.asarray(scores_t2i)
     n_img, n_txt = scores_i2t.shape
     if scores_t2i.shape != (n_txt, n_img):
         raise ValueError(f"scores_t2i has shape {scores_t2i.shape}, expected {(n_txt, n_img)}")

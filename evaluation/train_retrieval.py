@@ -5,6 +5,7 @@ the frozen text encoder runs once per caption list, its output cached in memory 
 every training image is seen once with one of its captions drawn at random (seeded by run seed and epoch).
 """
 import hashlib
+from contextlib import nullcontext
 import math
 import re
 from dataclasses import dataclass, field
@@ -77,12 +78,12 @@ def resize_to_uint8(image: Image.Image, size: int) -> torch.Tensor:
 def load_images_uint8(dataset, num_workers: int = 0, desc: str = "images", batch_size: int = 64) -> torch.Tensor:
     """Decode every item of a dataset whose items are (uint8 tensor, ...) or {"pixel_values": ...} into one tensor."""
     loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=lambda items: torch.stack([_pixels(it) for it in items]))
+                        collate_fn=_stack_pixels)
     return torch.cat([batch for batch in tqdm(loader, desc=f"loading {desc}", leave=False)])
 
 
-def _pixels(item):
-    return item["pixel_values"] if isinstance(item, dict) else item[0]
+def _stack_pixels(items):
+    return torch.stack([it["pixel_values"] if isinstance(it, dict) else it[0] for it in items])
 
 
 # ----------------------------------------------------------------------------- text features
@@ -140,22 +141,14 @@ def evaluate_split(model: RetrievalModel, split: EvalSplit, preprocess: dict, ba
     img_feats = []
     for start in range(0, split.images.shape[0], batch_size):
         pixels = split.images[start:start + batch_size].to(device).float().div_(255.0)
-        with autocast() if autocast else _nullcontext():
+        with autocast() if autocast else nullcontext():
             img_feats.append(model.image_features(normalize_pixels(pixels, preprocess)).float())
     txt_feats = []
     for start in range(0, split.text_features.shape[0], 4096):
-        with autocast() if autocast else _nullcontext():
+        with autocast() if autocast else nullcontext():
             txt_feats.append(model.text_features(split.text_features[start:start + 4096].to(device)).float())
     scores = (torch.cat(img_feats) @ torch.cat(txt_feats).t()).cpu().numpy()
     return itm_recalls(scores, scores.T, split.img2txt, split.txt2img)
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
 
 
 # ----------------------------------------------------------------------------- training

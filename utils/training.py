@@ -131,11 +131,24 @@ def vae_decode(vae, latents) -> torch.Tensor:
 
 
 def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, encoder_hidden_states,
-                cfg: EDGELossConfig, generator: torch.Generator, weight_dtype=torch.float32, gatherer=None) -> dict:
-    """Forward one batch and return {"loss", and each active term, "top1_i2t", "top1_t2i"} (tensors)."""
-    device = pixel_values.device
-    with torch.no_grad():
-        latents = vae_encode(vae, pixel_values.to(weight_dtype), generator).float()
+                cfg: EDGELossConfig, generator: torch.Generator, weight_dtype=torch.float32, gatherer=None,
+                decoder=None, latent_dist=None) -> dict:
+    """Forward one batch and return {"loss", and each active term, "top1_i2t", "top1_t2i"} (tensors).
+
+    decoder: scaled latents -> pixels for the scorer (utils.cheap_decode.ScorerDecoder; default: the full
+    VAE decode). latent_dist: cached posterior (mean, std) of the batch (utils.latent_cache) used in place
+    of encoding `pixel_values` (then None); the sample is drawn as the encoder's would be.
+    """
+    if latent_dist is not None:
+        from .latent_cache import sample_cached_latents
+
+        device = latent_dist[0].device
+        latents = sample_cached_latents(vae, latent_dist[0].to(weight_dtype), latent_dist[1].to(weight_dtype),
+                                        generator).float()
+    else:
+        device = pixel_values.device
+        with torch.no_grad():
+            latents = vae_encode(vae, pixel_values.to(weight_dtype), generator).float()
     noise = torch.randn(latents.shape, generator=generator).to(device)
     timesteps = torch.randint(cfg.t_min, cfg.t_max + 1, (latents.shape[0],), generator=generator).to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
@@ -147,7 +160,7 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         loss = loss + cfg.lambda_mse * out["mse"]
     if cfg.uses_scorer:
         x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
-        images = vae_decode(vae, x0.to(weight_dtype))
+        images = (decoder or (lambda z: vae_decode(vae, z)))(x0.to(weight_dtype))
         u = scorer.encode_image(images)
         v = scorer.encode_text(captions).to(u.device)
         if gatherer is not None:
@@ -342,6 +355,12 @@ def train(args) -> Path:
     scorer = build_scorer(args.scorer, accelerator.device, weight_dtype) if cfg.uses_scorer else None
     gatherer = (GatheredEDGELosses(cfg.temperature, rank, world, cfg.diversity_on)
                 if cfg.uses_scorer and args.gather_features and world > 1 else None)
+    scorer_decoder = None
+    if cfg.uses_scorer and (getattr(args, "scorer_decode", "full") != "full" or getattr(args, "tiny_vae", None)):
+        from .cheap_decode import build_scorer_decoder
+
+        scorer_decoder = build_scorer_decoder(args.scorer_decode, vae, scorer.image_size, args.tiny_vae,
+                                              accelerator.device, weight_dtype)
 
     vae.requires_grad_(False)
     text_encoder.requires_grad_(False)
@@ -358,6 +377,17 @@ def train(args) -> Path:
     counts = count_parameters(unet)
     if args.gradient_checkpointing:
         unet.enable_gradient_checkpointing()
+        if cfg.uses_scorer:  # the decode of the x0 estimate runs with gradients: its activations are the largest
+            vae.enable_gradient_checkpointing()
+            if scorer_decoder is not None and scorer_decoder.tiny_vae is not None:
+                scorer_decoder.tiny_vae.enable_gradient_checkpointing()
+    if getattr(args, "channels_last", False):
+        unet.to(memory_format=torch.channels_last)
+        vae.to(memory_format=torch.channels_last)
+    if getattr(args, "compile", False):
+        unet.compile()  # in place: the module keeps its class, state dict and checkpoint hooks
+        if cfg.uses_scorer:
+            vae.decoder.compile()
     ema_unet = None
     if args.use_ema:
         if args.trainable == "lora":
@@ -376,13 +406,28 @@ def train(args) -> Path:
         optimizer = torch.optim.AdamW(params, lr=args.learning_rate, betas=(args.adam_beta1, args.adam_beta2),
                                       weight_decay=args.weight_decay, eps=args.adam_epsilon)
 
-    dataset = build_train_dataset(args, build_train_transform(args.resolution, args.center_crop, args.random_flip))
+    cache_latents = getattr(args, "cache_latents", False)
+    dataset = build_train_dataset(args, build_train_transform(args.resolution, args.center_crop,
+                                                              args.random_flip and not cache_latents))
+    latent_cache = None
+    if cache_latents:
+        from .latent_cache import CaptionOnlyDataset, build_latent_cache, check_cacheable
+
+        check_cacheable(args.center_crop)
+        accelerator.print(f"caching the VAE latents of {len(dataset)} images"
+                          + (" and of their mirrors (--random_flip)" if args.random_flip else ""))
+        latent_cache = build_latent_cache(vae, dataset, args.train_batch_size, args.random_flip, args.seed,
+                                          progress=accelerator.is_local_main_process)
+        dataset = CaptionOnlyDataset(dataset)
     drop_last = cfg.lambda_contrastive > 0
     if drop_last and len(dataset) < args.train_batch_size * world:
         raise fail(f"the training set has {len(dataset)} images, fewer than one batch of "
                    f"{args.train_batch_size} x {world} processes")
     sampler = EpochShuffleSampler(len(dataset), args.seed)
-    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
+    from .latent_cache import collate_captions
+
+    loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
+                        collate_fn=collate_captions if latent_cache is not None else collate,
                         num_workers=args.dataloader_num_workers, drop_last=drop_last)
     steps_per_epoch = math.ceil(math.ceil(len(loader) / world) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
@@ -438,8 +483,10 @@ def train(args) -> Path:
                                   < args.caption_dropout else c) for c in captions]
                 with torch.no_grad():
                     hidden = encode_prompts(text_encoder, tokenizer, cond_captions, accelerator.device)
-                terms = edge_losses(unet, vae, noise_scheduler, scorer, batch["pixel_values"], captions, hidden,
-                                    cfg, gen, weight_dtype, gatherer)
+                latent_dist = (latent_cache.lookup(batch["index"], epoch, accelerator.device)
+                               if latent_cache is not None else None)
+                terms = edge_losses(unet, vae, noise_scheduler, scorer, batch.get("pixel_values"), captions, hidden,
+                                    cfg, gen, weight_dtype, gatherer, decoder=scorer_decoder, latent_dist=latent_dist)
                 loss = terms["loss"]
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0],
                                                       device=accelerator.device), reduction="sum")

@@ -1,0 +1,56 @@
+"""End to end: the demo driver runs every stage (quick configuration), writes the report, and resumes."""
+import json
+import re
+import sys
+
+import pytest
+
+from demo import run_demo
+
+
+@pytest.mark.slow
+def test_quick_demo_runs_every_stage_writes_report_and_skips_on_rerun(tmp_path, capsys):
+    out = tmp_path / "demo"
+    argv = ["--output_dir", str(out), "--quick", "--num_images", "8", "--seeds", "1"]
+    report = run_demo.main(run_demo.parse_args(argv))
+
+    state = json.loads((out / "demo_state.json").read_text())
+    assert all(v["status"] == "done" for v in state.values()), state
+    for name in ("data", "scorer", "edge", "sample_sd_before_edge", "sample_edge_cpi1", "caption"):
+        assert name in state
+    for name in run_demo.EVAL_RUNS:
+        results = json.loads((out / "eval" / name / "results.json").read_text())
+        assert set(results["summary"]) >= {"img_r1", "txt_r1", "r_mean"}
+    # the EDGE set after caption synthesis holds 8 images with 2 captions each
+    ann = json.loads((out / "sets" / "edge_cpi2" / "annotations" / "train.json").read_text())
+    assert len({e["image"] for e in ann}) == 8
+    text = report.read_text()
+    for png in re.findall(r"\((report_assets/[^)]+\.png)\)", text):
+        assert (out / png).is_file(), png
+    assert "samples.png" in text and "| full real training set |" in text
+    assert text.count("± ") >= 5 * 7  # five rows of seven metrics
+
+    # a rerun with the same flags runs nothing again (each stage checked by its outputs)
+    capsys.readouterr()
+    run_demo.main(run_demo.parse_args(argv))
+    printed = capsys.readouterr().out
+    assert "done in" not in printed
+    assert printed.count("skipped") == len(state)
+
+
+def test_stage_runner_resumes_an_unfinished_stage_and_redoes_later_ones(tmp_path):
+    runner = run_demo.StageRunner(tmp_path)
+    marker = tmp_path / "ran.txt"
+    cmd = [sys.executable, "-c", f"import sys; open(r'{marker}', 'a').write(' '.join(sys.argv[1:]) + ';')"]
+    runner.state["a"] = {"command": cmd[1:], "status": "started"}  # as a stopped run leaves it
+    runner.run("a", cmd, marker.exists, resume_flags=["--resume"], fresh_flags=["--fresh"])
+    assert marker.read_text() == "--resume;"
+    # b finished earlier with the same command, but a (upstream) ran now, so b starts over
+    runner.state["b"] = {"command": cmd[1:], "status": "done", "wall_time_s": 1.0}
+    runner.run("b", cmd, marker.exists, resume_flags=["--resume"], fresh_flags=["--fresh"])
+    assert marker.read_text() == "--resume;--fresh;"
+    # a new runner over the saved state skips both
+    again = run_demo.StageRunner(tmp_path)
+    again.run("a", cmd, marker.exists)
+    again.run("b", cmd, marker.exists)
+    assert marker.read_text() == "--resume;--fresh;"

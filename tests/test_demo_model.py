@@ -1,0 +1,136 @@
+"""The shipped demo model (assets/demo_sd) and the tools that build and measure it."""
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from demo.build_demo_model import drop_vae_attention, shrink_text_encoder
+from demo.measure_prompt_following import main as measure_main
+from demo.measure_prompt_following import markdown_table, parse_args as measure_args
+from utils.errors import InputError
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "assets" / "demo_sd"
+MAX_BYTES = 20 * 2**20
+
+
+def test_shipped_model_is_small_fp16_safetensors():
+    files = [f for f in SHIPPED.rglob("*") if f.is_file()]
+    assert (SHIPPED / "model_index.json").is_file(), "assets/demo_sd is missing: run `make demo-model`"
+    assert sum(f.stat().st_size for f in files) < MAX_BYTES
+    from safetensors import safe_open
+
+    for comp in ("unet", "vae", "text_encoder"):
+        weights = list((SHIPPED / comp).glob("*.safetensors"))
+        assert len(weights) == 1, comp
+        with safe_open(weights[0], "pt") as f:
+            assert {f.get_slice(k).get_dtype() for k in f.keys()} == {"F16"}, comp
+
+
+def test_shipped_model_loads_through_the_real_loader_and_generates_32px():
+    from utils.sd_models import load_sd_components, load_sd_pipeline
+
+    torch.set_num_threads(1)
+    pipe = load_sd_pipeline(str(SHIPPED))
+    assert pipe.scheduler.config.prediction_type == "v_prediction"
+    assert pipe.scheduler.config.rescale_betas_zero_snr and pipe.scheduler.config.timestep_spacing == "trailing"
+    out = pipe("a red circle", num_inference_steps=2, guidance_scale=2.0, output_type="np",
+               generator=torch.Generator().manual_seed(0)).images
+    assert out.shape == (1, 32, 32, 3) and 0.0 <= out.min() and out.max() <= 1.0
+    comps = load_sd_components(str(SHIPPED))  # what EDGE fine-tuning starts from
+    assert comps.unet.config.sample_size == 32
+
+
+@pytest.fixture(scope="module")
+def tiny_minilm_sd(tmp_path_factory):
+    from utils.sd_models import build_tiny_sd
+
+    root = tmp_path_factory.mktemp("shrink")
+    data = root / "data"
+    (data / "annotations").mkdir(parents=True)
+    entries = [{"image": "images/train/0.png", "caption": "a big orange circle on the right", "image_id": "0"},
+               {"image": "images/train/1.png", "caption": "one shape: a purple square (small, top)", "image_id": "1"}]
+    (data / "annotations" / "procedural_train.json").write_text(json.dumps(entries))
+    model = build_tiny_sd(root / "sd", text_encoder="minilm", prediction_type="v_prediction", zero_snr=True)
+    return model, data
+
+
+def test_shrunk_text_encoder_keeps_caption_tokens_and_early_layer_states(tiny_minilm_sd):
+    from transformers import AutoModel, AutoTokenizer
+
+    model, data = tiny_minilm_sd
+    full_tok = AutoTokenizer.from_pretrained(model / "tokenizer")
+    full = AutoModel.from_pretrained(model / "text_encoder")
+    info = shrink_text_encoder(model, data, num_layers=2, keep_vocab_below=1996)
+    tok = AutoTokenizer.from_pretrained(model / "tokenizer")
+    small = AutoModel.from_pretrained(model / "text_encoder")
+    assert small.config.num_hidden_layers == 2 and info["vocab"] == small.config.vocab_size < 2100
+    caption = "a big orange circle on the right"
+    assert tok.tokenize(caption) == full_tok.tokenize(caption)
+    assert tok.model_max_length == full_tok.model_max_length
+    with torch.no_grad():
+        want = full(full_tok(caption, return_tensors="pt").input_ids, output_hidden_states=True).hidden_states[2]
+        got = small(tok(caption, return_tensors="pt").input_ids)[0]
+    torch.testing.assert_close(got, want)
+    assert tok.tokenize("zebra") and "[UNK]" not in tok.tokenize("zebra")  # unknown words fall back to pieces
+
+
+def test_caption_tokens_need_annotation_files(tmp_path):
+    from transformers import AutoTokenizer
+
+    from demo.build_demo_model import caption_token_ids
+    from utils.sd_models import minilm_path
+
+    tok = AutoTokenizer.from_pretrained(minilm_path())
+    with pytest.raises(InputError, match="no annotation files"):
+        caption_token_ids(tok, tmp_path)
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "a.png", "caption": ["a red star"]}, {"image": "b.png"}]))
+    with pytest.raises(InputError, match="entry 1 has no 'caption'"):
+        caption_token_ids(tok, tmp_path)
+
+
+def test_vae_without_attention_keeps_other_weights(tiny_minilm_sd):
+    from diffusers import AutoencoderKL
+
+    model, _ = tiny_minilm_sd
+    before = AutoencoderKL.from_pretrained(model / "vae").state_dict()
+    drop_vae_attention(model)
+    after = AutoencoderKL.from_pretrained(model / "vae")
+    assert after.config.mid_block_add_attention is False
+    state = after.state_dict()
+    assert not any("attentions" in k for k in state)
+    for k, v in state.items():
+        torch.testing.assert_close(v, before[k])
+
+
+def test_measure_prompt_following_on_real_images_only(tmp_path):
+    from dataset.procedural import main as make_data, parse_args as data_args
+
+    torch.set_num_threads(1)
+    data = make_data(data_args(["--output_dir", str(tmp_path / "d"), "--resolution", "32", "--min_shapes", "1",
+                                "--max_shapes", "1", "--n_train", "300", "--n_val", "5", "--n_test", "40"]))
+    rows = measure_main(measure_args(["--data", str(data), "--real", "30", "--classifier_epochs", "6"]))
+    assert [r["name"] for r in rows] == ["real test images"] and rows[0]["n"] == 30
+    assert rows[0]["colour"] > 60.0  # colour is easy for the classifier on real images; chance is 1/6
+    assert "| real test images |" in markdown_table(rows)
+    with pytest.raises(InputError, match="--name"):
+        measure_args(["--data", str(data), "--set", "a", "--name", "x", "--name", "y"])
+
+
+@pytest.mark.slow
+def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_path):
+    from dataset.procedural import main as make_data, parse_args as data_args
+    from demo.build_demo_model import main as build_main, parse_args as build_args
+    from utils.sd_models import load_sd_pipeline
+
+    data = make_data(data_args(["--output_dir", str(tmp_path / "d"), "--resolution", "32", "--min_shapes", "1",
+                                "--max_shapes", "1", "--n_train", "40", "--n_val", "4", "--n_test", "4"]))
+    out = build_main(build_args(["--data", str(data), "--work_dir", str(tmp_path / "work"),
+                                 "--output_dir", str(tmp_path / "shipped"), "--unet_channels", "8", "16",
+                                 "--text_encoder_layers", "1", "--vae_steps", "2", "--pretrain_steps", "2"]))
+    assert json.loads((tmp_path / "work" / "pretrained" / "run_config.json").read_text())["args"]["max_train_steps"] == 2
+    pipe = load_sd_pipeline(str(out))
+    assert pipe.unet.config.block_out_channels == [8, 16] and pipe.text_encoder.config.num_hidden_layers == 1
+    assert pipe.vae.config.mid_block_add_attention is False
+    assert not (tmp_path / "shipped.tmp").exists()
