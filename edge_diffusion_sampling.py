@@ -21,7 +21,7 @@ import argparse
 import sys
 
 from utils.config import parse_args_with_recipe
-from utils.errors import InputError, fail
+from utils.errors import fail, run_cli
 from utils.sampling import DTYPES, IMAGE_FORMATS, SCHEDULERS
 
 DATASETS = ("flickr30k", "coco", "cc3m", "procedural", "karpathy")
@@ -125,8 +125,4 @@ def main(args):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, parse_args))

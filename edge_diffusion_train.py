@@ -19,7 +19,7 @@ import argparse
 import sys
 
 from utils.config import parse_args_with_recipe
-from utils.errors import InputError, fail
+from utils.errors import InputError, fail, run_cli
 from utils.cheap_decode import SCORER_DECODE_MODES
 from utils.losses import DIVERSITY_MODES
 from utils.trainable_params import TRAINABLE_SETS
@@ -163,15 +163,11 @@ def main(args):
     return train(args)
 
 
-def _cli():
+def _cli() -> int:
     from utils.training import TrainingDiverged
 
-    try:
-        main(parse_args())
-    except (InputError, TrainingDiverged) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    return run_cli(main, parse_args, errors=(TrainingDiverged,))
 
 
 if __name__ == "__main__":
-    _cli()
+    sys.exit(_cli())

@@ -35,7 +35,7 @@ from tqdm import tqdm
 
 from utils.atomic_io import atomic_write_json
 from utils.config import parse_args_with_recipe
-from utils.errors import InputError, fail
+from utils.errors import InputError, fail, run_cli
 from utils.seeding import derive_seed
 
 FORMAT_VERSION = 2  # bump whenever drawing or caption code changes the output
@@ -531,8 +531,4 @@ def main(args) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, parse_args))

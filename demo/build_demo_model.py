@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from utils.config import parse_args_with_recipe
-from utils.errors import InputError, fail
+from utils.errors import fail, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -201,8 +201,4 @@ def main(args) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, parse_args))

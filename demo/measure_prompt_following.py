@@ -16,7 +16,7 @@ from pathlib import Path
 from dataset.images import load_image
 from utils.atomic_io import atomic_write_json
 from utils.config import parse_args_with_recipe
-from utils.errors import InputError, fail
+from utils.errors import fail, run_cli
 
 
 def parse_args(argv=None):
@@ -104,8 +104,4 @@ def main(args) -> list:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, parse_args))

@@ -1,6 +1,6 @@
 """The whole EDGE pipeline offline, stage by stage, each through the script a user would run by hand.
 
-Stages: data -> scorer -> base model (shipped checkpoint, or built from scratch) -> EDGE fine-tuning
+Stages: data -> full-real-set evaluation (its model is the scorer) -> base model (shipped checkpoint, or built from scratch) -> EDGE fine-tuning
 -> sampling before/after -> caption synthesis (cpi 2) -> evaluation of five training sets -> report.
 Each stage runs as a subprocess with a recipe from configs/ plus path flags; a stage is skipped on a
 rerun when its recorded command is unchanged and its own manifest says it finished.
@@ -21,7 +21,7 @@ from pathlib import Path
 
 from utils.atomic_io import atomic_write_json
 from utils.config import parse_args_with_recipe, save_run_config
-from utils.errors import InputError, fail
+from utils.errors import fail, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = ROOT / "assets" / "demo_sd"
@@ -41,6 +41,8 @@ def parse_args(argv=None):
     p.add_argument("--num_images", type=int, default=100, help="Size of the distilled set")
     p.add_argument("--seeds", type=int, default=3, help="Evaluation seeds per training set")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--full_epochs", type=int, default=3,
+                   help="Epochs of the full-real-set evaluation (whose seed-0 model is also the EDGE scorer)")
     p.add_argument("--quick", action="store_true",
                    help="A much smaller configuration of the same pipeline (the end-to-end test)")
     p.add_argument("--data_config", default="configs/demo_data.yaml")
@@ -49,7 +51,6 @@ def parse_args(argv=None):
     p.add_argument("--edge_config", default="configs/demo_edge.yaml")
     p.add_argument("--sample_config", default="configs/sample_demo.yaml")
     p.add_argument("--caption_config", default="configs/caption_retrieval.yaml")
-    p.add_argument("--scorer_config", default="configs/demo_scorer.yaml")
     p.add_argument("--eval_config", default="configs/demo_eval.yaml")
     args = parse_args_with_recipe(p, argv)
     if bool(args.data) != bool(args.images):
@@ -151,10 +152,9 @@ def quick_overrides(args, stage: str) -> list:
         return []
     return {
         "data": ["--n_train", "200", "--n_val", "20", "--n_test", "50"],
-        "scorer": ["--epochs", "2", "--eval_every", "2"],
         "vae": ["--max_train_steps", "20"],
         "pretrain": ["--max_train_steps", "20", "--checkpointing_steps", "10", "--validation_steps", "10"],
-        "edge": ["--max_train_steps", "10", "--checkpointing_steps", "5", "--validation_steps", "5"],
+        "edge": ["--max_train_steps", "10", "--checkpointing_steps", "5", "--validation_steps", "10"],
         "sample": ["--num_inference_steps", "4"],
         "eval": ["--epochs", "2", "--eval_every", "1"],
     }[stage]
@@ -175,12 +175,15 @@ def run_pipeline(args) -> dict:
             "--config", args.data_config, "--output_dir", data_dir, "--seed", args.seed] + quick_overrides(args, "data"),
             lambda: (data_dir / "spec.json").is_file(), fresh_flags=["--overwrite"])
 
-    scorer_dir = out / "scorer"
-    times["scorer"] = runner.run("scorer", _python("evaluation.evaluation") + [
-        "--config", args.scorer_config, *dflags, "--baseline", "full", "--seeds", "1", "--seed", args.seed,
-        "--output_dir", out / "eval" / "scorer", "--save_model_dir", scorer_dir, "--overwrite",
-        "--no_progress"] + quick_overrides(args, "scorer"),
-        lambda: (scorer_dir / "retrieval_config.json").is_file() and (scorer_dir / "retrieval_model.safetensors").is_file())
+    # The full real training set is evaluated first: its first seed's model is the scorer of EDGE
+    # fine-tuning and of the retrieval caption backend (no CLIP weights offline).
+    results_table = out / "results.md"
+    scorer_root = out / "scorer"
+    scorer_dir = scorer_root / f"seed_{args.seed}" if args.seeds > 1 else scorer_root
+    times["evaluation (full_real) + scorer"] = run_eval(
+        runner, args, dflags, "full_real", ["--baseline", "full", "--epochs", args.full_epochs,
+                                            "--save_model_dir", scorer_root], out, results_table,
+        extra_check=lambda: (scorer_dir / "retrieval_model.safetensors").is_file())
 
     use_shipped = not args.from_scratch and not args.data and _is_pipeline(SHIPPED_MODEL)
     if use_shipped:
@@ -219,22 +222,25 @@ def run_pipeline(args) -> dict:
         "--cpi", "2", "--scorer", f"retrieval:{scorer_dir}", "--seed", args.seed],
         lambda: _caption_done(sets / "edge_cpi2"), fresh_clear=sets / "edge_cpi2")
 
-    results_table = out / "results.md"
     eval_inputs = {
         "random_100": ["--baseline", "random", "--n", args.num_images],
         "sd_before_edge": ["--distill_dir", sets / "sd_before_edge"],
         "edge_cpi1": ["--distill_dir", sets / "edge_cpi1"],
         "edge_cpi2": ["--distill_dir", sets / "edge_cpi2"],
-        "full_real": ["--baseline", "full"],
     }
-    for name in EVAL_RUNS:
-        folder = out / "eval" / name
-        times[f"evaluation ({name})"] = runner.run(f"eval_{name}", _python("evaluation.evaluation") + [
-            "--config", args.eval_config, *dflags, *eval_inputs[name], "--seeds", args.seeds, "--seed", args.seed,
-            "--run_name", name, "--output_dir", folder, "--results_table", results_table, "--overwrite",
-            "--no_progress"] + quick_overrides(args, "eval"), lambda f=folder: _has_results(f))
+    for name, inputs in eval_inputs.items():
+        times[f"evaluation ({name})"] = run_eval(runner, args, dflags, name, inputs, out, results_table)
     return {"output_dir": out, "data_dir": None if args.data else data_dir, "base_model": base,
             "used_shipped_model": use_shipped, "edge_model": edge_dir, "sets": sets, "times": times}
+
+
+def run_eval(runner, args, dflags, name, inputs, out, results_table, extra_check=lambda: True) -> float:
+    """One stage-4 evaluation (all seeds) of a training set into out/eval/<name>."""
+    folder = out / "eval" / name
+    return runner.run(f"eval_{name}", _python("evaluation.evaluation") + [
+        "--config", args.eval_config, *dflags, *inputs, "--seeds", args.seeds, "--seed", args.seed,
+        "--run_name", name, "--output_dir", folder, "--results_table", results_table, "--overwrite",
+        "--no_progress"] + quick_overrides(args, "eval"), lambda: _has_results(folder) and extra_check())
 
 
 def _caption_done(folder: Path) -> bool:
@@ -256,8 +262,4 @@ def main(args) -> Path:
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, parse_args))

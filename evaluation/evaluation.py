@@ -34,7 +34,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from utils.config import args_to_dict, parse_args_with_recipe, run_info, save_run_config  # noqa: E402
-from utils.errors import InputError, fail  # noqa: E402
+from utils.errors import fail, run_cli  # noqa: E402
 from utils.seeding import set_cpu_threads  # noqa: E402
 
 DATASETS = ("flickr30k", "coco", "procedural", "karpathy", "cc3m")
@@ -371,8 +371,4 @@ def _lors_learned_lrs(path):
 
 
 if __name__ == "__main__":
-    try:
-        main(parse_args())
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    sys.exit(run_cli(main, parse_args))

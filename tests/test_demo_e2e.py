@@ -16,7 +16,7 @@ def test_quick_demo_runs_every_stage_writes_report_and_skips_on_rerun(tmp_path, 
 
     state = json.loads((out / "demo_state.json").read_text())
     assert all(v["status"] == "done" for v in state.values()), state
-    for name in ("data", "scorer", "edge", "sample_sd_before_edge", "sample_edge_cpi1", "caption"):
+    for name in ("data", "eval_full_real", "edge", "sample_sd_before_edge", "sample_edge_cpi1", "caption"):
         assert name in state
     for name in run_demo.EVAL_RUNS:
         results = json.loads((out / "eval" / name / "results.json").read_text())

@@ -38,9 +38,13 @@ class TextEncoder:
     def encode(self, texts, batch_size: int = 64) -> torch.Tensor:
         raise NotImplementedError
 
+    model = None
+
     def to(self, device):
         """Move the encoder's weights to `device`; returns self."""
-        raise NotImplementedError
+        self.device = torch.device(device)
+        self.model.to(self.device)
+        return self
 
 
 class HFTextEncoder(TextEncoder):
@@ -56,11 +60,6 @@ class HFTextEncoder(TextEncoder):
         self.max_length = max_length
         self.dim = int(model.config.hidden_size)
         self.device = torch.device("cpu")
-
-    def to(self, device):
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
 
     @torch.no_grad()
     def encode(self, texts, batch_size: int = 64) -> torch.Tensor:
@@ -89,11 +88,6 @@ class OpenClipTextEncoder(TextEncoder):
         self.tokenizer = tokenizer
         self.dim = int(_open_clip_embed_dim(model))
         self.device = torch.device("cpu")
-
-    def to(self, device):
-        self.device = torch.device(device)
-        self.model.to(self.device)
-        return self
 
     @torch.no_grad()
     def encode(self, texts, batch_size: int = 64) -> torch.Tensor:

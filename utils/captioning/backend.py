@@ -49,6 +49,23 @@ class CaptionBackend:
         raise NotImplementedError
 
 
+class SampledModelBackend(CaptionBackend):
+    """A local transformers model sampling captions in batches (LLaVA, Llama): shared settings."""
+
+    def __init__(self, model, instruction, batch_size=8, max_new_tokens=40, temperature=1.0, top_p=0.9,
+                 dtype="auto", seed=0):
+        self.model_name, self.instruction = model, instruction
+        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
+        self.temperature, self.top_p, self.dtype, self.seed = temperature, top_p, dtype, seed
+        self.model = self.device = None
+
+    def describe(self) -> dict:
+        return {"backend": self.name, "model": self.model_name, "instruction": self.instruction,
+                "settings": {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
+                             "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
+                             "dtype": self.dtype, "seed": self.seed}}
+
+
 def generate_in_batches(requests, batch_size: int, sample):
     """Group requests by `n`, call `sample(batch)` per batch, yield per request.
 

@@ -4,7 +4,7 @@ import torch
 from utils.errors import fail
 from utils.seeding import derive_seed
 
-from .backend import CaptionBackend, generate_in_batches
+from .backend import SampledModelBackend, generate_in_batches
 from .hf_models import caption_device, load_pretrained, resolve_dtype
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
@@ -12,7 +12,7 @@ DEFAULT_INSTRUCTION = ("Rewrite this image caption with different wording but th
                        "Reply with the new caption only, as one sentence.\nCaption: {caption}")
 
 
-class LlamaBackend(CaptionBackend):
+class LlamaBackend(SampledModelBackend):
     """Paraphrases sampled from an AutoModelForCausalLM through its tokenizer's chat template."""
 
     name = "llama"
@@ -22,16 +22,8 @@ class LlamaBackend(CaptionBackend):
                  temperature=1.0, top_p=0.9, dtype="auto", seed=0):
         if "{caption}" not in instruction:
             raise fail("--instruction must contain {caption}, where the prompt caption is inserted")
-        self.model_name, self.instruction = model, instruction
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.temperature, self.top_p, self.dtype, self.seed = temperature, top_p, dtype, seed
-        self.model = self.tokenizer = self.device = None
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "model": self.model_name, "instruction": self.instruction,
-                "settings": {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                             "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
-                             "dtype": self.dtype, "seed": self.seed}}
+        super().__init__(model, instruction, batch_size, max_new_tokens, temperature, top_p, dtype, seed)
+        self.tokenizer = None
 
     def setup(self) -> None:
         from transformers import AutoModelForCausalLM, AutoTokenizer

@@ -4,30 +4,22 @@ import torch
 from dataset.images import load_image
 from utils.seeding import derive_seed
 
-from .backend import CaptionBackend, generate_in_batches
+from .backend import SampledModelBackend, generate_in_batches
 from .hf_models import caption_device, load_pretrained, resolve_dtype
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_INSTRUCTION = "Describe this image in one brief sentence."
 
 
-class LlavaBackend(CaptionBackend):
+class LlavaBackend(SampledModelBackend):
     """Captions sampled from LlavaForConditionalGeneration, `batch_size` images per forward."""
 
     name = "llava"
 
     def __init__(self, model=DEFAULT_MODEL, instruction=DEFAULT_INSTRUCTION, batch_size=8, max_new_tokens=40,
                  temperature=1.0, top_p=0.9, dtype="auto", seed=0):
-        self.model_name, self.instruction = model, instruction
-        self.batch_size, self.max_new_tokens = batch_size, max_new_tokens
-        self.temperature, self.top_p, self.dtype, self.seed = temperature, top_p, dtype, seed
-        self.model = self.processor = self.device = None
-
-    def describe(self) -> dict:
-        return {"backend": self.name, "model": self.model_name, "instruction": self.instruction,
-                "settings": {"do_sample": True, "temperature": self.temperature, "top_p": self.top_p,
-                             "max_new_tokens": self.max_new_tokens, "batch_size": self.batch_size,
-                             "dtype": self.dtype, "seed": self.seed}}
+        super().__init__(model, instruction, batch_size, max_new_tokens, temperature, top_p, dtype, seed)
+        self.processor = None
 
     def setup(self) -> None:
         from transformers import AutoProcessor, LlavaForConditionalGeneration

@@ -11,7 +11,7 @@ from dataset.distilled import is_distilled_set, read_distilled_set, write_distil
 from dataset.images import load_image
 from utils.atomic_io import atomic_write_bytes
 from utils.config import code_version
-from utils.errors import InputError, fail
+from utils.errors import InputError, fail, run_cli
 
 from .backend import CaptionRequest
 from .cache import CACHE_FILE, CaptionCache, settings_key
@@ -176,9 +176,7 @@ def _print_summary(summary: dict, out: Path) -> None:
 
 def script_entry(main, parse_args, argv=None) -> int:
     """Run a caption script: 'error: ...' and exit code 2 on bad input, 1 when images failed."""
-    try:
-        summary = main(parse_args(argv))
-    except InputError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 1 if summary and summary.get("failed", {}).get("count") else 0
+    result = {}
+    code = run_cli(lambda args: result.update(summary=main(args)), parse_args, argv)
+    summary = result.get("summary")
+    return code or (1 if summary and summary.get("failed", {}).get("count") else 0)
