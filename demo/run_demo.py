@@ -41,7 +41,7 @@ def parse_args(argv=None):
     p.add_argument("--num_images", type=int, default=100, help="Size of the distilled set")
     p.add_argument("--seeds", type=int, default=3, help="Evaluation seeds per training set")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--full_epochs", type=int, default=3,
+    p.add_argument("--full_epochs", type=int, default=2,
                    help="Epochs of the full-real-set evaluation (whose seed-0 model is also the EDGE scorer)")
     p.add_argument("--quick", action="store_true",
                    help="A much smaller configuration of the same pipeline (the end-to-end test)")

@@ -157,3 +157,10 @@ def test_train_vae_mode(assets, tmp_path):
     assert any(not torch.equal(a, b) for a, b in zip(vae.state_dict().values(), base.state_dict().values()))
     assert (out / "logs" / "vae_reconstructions.png").is_file()
     assert [r["step"] for r in _log(out)] == [1, 2, 3, 4]
+
+
+def test_moving_average_is_trailing_mean():
+    from utils.training import moving_average
+
+    assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
+    assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]

@@ -226,6 +226,17 @@ def trim_log(log_path, max_step: int) -> None:
     atomic_write_text(log_path, "".join(json.dumps(r) + "\n" for r in records))
 
 
+def moving_average(values, window: int) -> list:
+    """Trailing mean over the last `window` values (fewer at the start)."""
+    out, total = [], 0.0
+    for i, v in enumerate(values):
+        total += v
+        if i >= window:
+            total -= values[i - window]
+        out.append(total / min(i + 1, window))
+    return out
+
+
 def plot_loss_curves(log_path, png_path, title: str = "training") -> Path:
     """One panel per logged term (loss, contrastive, diversity, mse, in-batch top-1) from the JSONL log."""
     import io
@@ -244,7 +255,12 @@ def plot_loss_curves(log_path, png_path, title: str = "training") -> Path:
     fig, axes = plt.subplots(1, len(terms), figsize=(3.2 * len(terms), 2.8), squeeze=False)
     for ax, term in zip(axes[0], terms):
         xs = [s for s in steps if term in by_step[s]]
-        ax.plot(xs, [by_step[s][term] for s in xs], lw=1)
+        ys = [by_step[s][term] for s in xs]
+        ax.plot(xs, ys, lw=0.8, alpha=0.35, color="C0")
+        window = max(1, len(ys) // 15)
+        if window > 1:  # a trailing moving average makes the trend readable through batch noise
+            ax.plot(xs, moving_average(ys, window), lw=1.6, color="C0", label=f"mean of {window}")
+            ax.legend(fontsize=7)
         ax.set_title(term)
         ax.set_xlabel("step")
         ax.grid(alpha=0.3)
