@@ -62,6 +62,10 @@ def parse_args(argv=None):
 
 # ---------------------------------------------------------------- stage bookkeeping
 
+class StageFailed(RuntimeError):
+    """A stage command exited non-zero or left incomplete outputs (the message quotes its log)."""
+
+
 class StageRunner:
     """Runs stage commands, records them in demo_state.json, and skips finished ones on a rerun."""
 
@@ -102,9 +106,9 @@ class StageRunner:
         wall = time.time() - start
         if proc.returncode != 0:
             tail = "\n".join(log.read_text(errors="replace").splitlines()[-15:])
-            raise RuntimeError(f"stage {name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
+            raise StageFailed(f"stage {name} failed (exit {proc.returncode}); last lines of {log}:\n{tail}")
         if not done_check():
-            raise RuntimeError(f"stage {name} exited 0 but its outputs are incomplete; see {log}")
+            raise StageFailed(f"stage {name} exited 0 but its outputs are incomplete; see {log}")
         self.state[name] = {"command": cmd[1:], "status": "done", "wall_time_s": wall,
                             "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
         atomic_write_json(self.state_path, self.state)
@@ -262,4 +266,4 @@ def main(args) -> Path:
 
 
 if __name__ == "__main__":
-    sys.exit(run_cli(main, parse_args))
+    sys.exit(run_cli(main, parse_args, errors=(StageFailed,)))
