@@ -97,10 +97,12 @@ def reading(results: dict, follow: dict, seeds: int = 3) -> list:
         if c:
             lines.append(c + ".")
     if "edge_cpi2" in r and "random_100" in r and r["edge_cpi2"] < r["random_100"]:
+        why = ("renders the prompt's colour far more often than its shape (see the prompt-following table), "
+               "while the test captions name shape, size and position too" if follow else
+               "makes images far from the real ones (see the sample grid)")
         lines.append("The EDGE set loses to the same number of random real pairs. The most likely reason is the "
-                     "generator: a small SD trained for minutes on CPU renders colour far better than shape, "
-                     "size or position, and the test captions name all four, so a model trained on its samples "
-                     "learns less than one trained on real images (see the prompt-following table).")
+                     f"generator: a small SD pre-trained for minutes on CPU {why}, so a model trained on its "
+                     "samples learns less than one trained on real images.")
     if follow:
         before = follow.get("samples before EDGE", {})
         after = follow.get("samples after EDGE", {})

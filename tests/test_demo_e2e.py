@@ -54,3 +54,18 @@ def test_stage_runner_resumes_an_unfinished_stage_and_redoes_later_ones(tmp_path
     again.run("a", cmd, marker.exists)
     again.run("b", cmd, marker.exists)
     assert marker.read_text() == "--resume;--fresh;"
+
+
+def test_report_reading_follows_the_numbers():
+    from demo.report import reading
+
+    def res(mean, std):
+        return {"summary": {"r_mean": {"mean": mean, "std": std}}}
+
+    lines = reading({"random_100": res(10.0, 1.0), "edge_cpi2": res(5.0, 1.0), "full_real": res(60.0, 1.0)}, {}, 3)
+    assert any("behind random real pairs by 5.0" in x for x in lines)
+    assert any("loses to the same number of random real pairs" in x for x in lines)
+    close = reading({"random_100": res(10.0, 1.0), "edge_cpi2": res(11.0, 1.0)}, {}, 3)
+    assert any("within one std" in x for x in close) and not any("loses" in x for x in close)
+    single = reading({"random_100": res(10.0, 0.0), "edge_cpi2": res(11.0, 0.0)}, {}, 1)
+    assert single[0].startswith("One seed") and not any("within one std" in x for x in single)
