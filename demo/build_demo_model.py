@@ -8,7 +8,8 @@ Steps, each through the stage script a user would run by hand:
      captions is unchanged), and the no-downsampling VAE drops its mid-block self-attention (at 32 px
      it is 1024 tokens and four fifths of the VAE's cost, and a near-identity VAE does not need it).
   2. VAE pre-training: `edge_diffusion_train.py --config configs/demo_vae.yaml`.
-  3. UNet pre-training (plain diffusion loss): `edge_diffusion_train.py --config configs/demo_model_build.yaml`.
+  3. UNet pre-training (plain diffusion loss): `edge_diffusion_train.py --config configs/demo_model_build.yaml`,
+     then --continue_steps more steps of the same recipe from its result (fresh AdamW state, no warm-up).
   4. export: UNet, VAE and text encoder as fp16 safetensors into --output_dir, a folder that
      `StableDiffusionPipeline.from_pretrained` (and `utils.sd_models.load_sd_pipeline`) loads as it is.
 
@@ -46,6 +47,9 @@ def parse_args(argv=None):
                    help="also keep all WordPiece ids below this (1996: special tokens and characters)")
     p.add_argument("--vae_steps", type=int, default=None, help="override the VAE recipe's max_train_steps")
     p.add_argument("--pretrain_steps", type=int, default=None, help="override the pre-training recipe's max_train_steps")
+    p.add_argument("--continue_steps", type=int, default=600,
+                   help="then continue pre-training this many steps with the same recipe (fresh optimizer, no "
+                        "warm-up, seed + 1), as the shipped model was made; 0: export after the first run")
     p.add_argument("--init_only", action="store_true", help="stop after step 1 (the from-scratch demo path)")
     p.add_argument("--seed", type=int, default=0)
     args = parse_args_with_recipe(p, argv)
@@ -195,7 +199,14 @@ def main(args) -> Path:
           "--pretrained_model_name_or_path", init, "--output_dir", work / "vae", *vae_steps])
     _run([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data,
           "--pretrained_model_name_or_path", work / "vae", "--output_dir", work / "pretrained", *pre_steps])
-    size = export_fp16(work / "pretrained", args.output_dir)
+    final = work / "pretrained"
+    if args.continue_steps:
+        final = work / "continued"
+        _run([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data[:-3],
+              "--seed", args.seed + 1, "--overwrite_output_dir", "--pretrained_model_name_or_path", work / "pretrained",
+              "--output_dir", final, "--max_train_steps", args.continue_steps, "--lr_warmup_steps", "0",
+              "--checkpointing_steps", "200", "--validation_steps", "0"])
+    size = export_fp16(final, args.output_dir)
     print(f"[build] {args.output_dir}: {size / 2**20:.1f} MiB")
     return Path(args.output_dir)
 

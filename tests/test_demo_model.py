@@ -128,8 +128,12 @@ def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_pa
                                 "--max_shapes", "1", "--n_train", "40", "--n_val", "4", "--n_test", "4"]))
     out = build_main(build_args(["--data", str(data), "--work_dir", str(tmp_path / "work"),
                                  "--output_dir", str(tmp_path / "shipped"), "--unet_channels", "8", "16",
-                                 "--text_encoder_layers", "1", "--vae_steps", "2", "--pretrain_steps", "2"]))
+                                 "--text_encoder_layers", "1", "--vae_steps", "2", "--pretrain_steps", "2",
+                                 "--continue_steps", "3"]))
     assert json.loads((tmp_path / "work" / "pretrained" / "run_config.json").read_text())["args"]["max_train_steps"] == 2
+    continued = json.loads((tmp_path / "work" / "continued" / "run_config.json").read_text())["args"]
+    assert continued["max_train_steps"] == 3 and continued["lr_warmup_steps"] == 0
+    assert continued["pretrained_model_name_or_path"] == str(tmp_path / "work" / "pretrained")
     pipe = load_sd_pipeline(str(out))
     assert pipe.unet.config.block_out_channels == [8, 16] and pipe.text_encoder.config.num_hidden_layers == 1
     assert pipe.vae.config.mid_block_add_attention is False
