@@ -18,9 +18,10 @@ Usage:
 import argparse
 import sys
 
+from utils.cheap_decode import SCORER_DECODE_MODES, check_decode_flags
 from utils.config import parse_args_with_recipe
-from utils.errors import InputError, fail, run_cli
-from utils.cheap_decode import SCORER_DECODE_MODES
+from utils.errors import fail, run_cli
+from utils.latent_cache import check_cacheable
 from utils.losses import DIVERSITY_MODES
 from utils.trainable_params import TRAINABLE_SETS
 
@@ -134,13 +135,9 @@ def validate_args(args) -> None:
         raise fail(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
     if args.x0_clamp is not None and args.x0_clamp <= 0:
         raise fail(f"--x0_clamp must be positive, got {args.x0_clamp}")
-    if args.scorer_decode == "tiny" and not args.tiny_vae:
-        raise fail("--scorer_decode tiny needs --tiny_vae <AutoencoderTiny folder>")
-    if args.tiny_vae and args.scorer_decode != "tiny":
-        raise fail(f"--tiny_vae is only used with --scorer_decode tiny (got --scorer_decode {args.scorer_decode})")
-    if args.cache_latents and not args.center_crop:
-        raise fail("--cache_latents cannot be combined with --random_crop: each epoch crops other pixels, "
-                   "so a cached latent would stand for one crop only; drop one of the two flags")
+    check_decode_flags(args.scorer_decode, args.tiny_vae)
+    if args.cache_latents:
+        check_cacheable(args.center_crop)
     if args.checkpoints_total_limit is not None and args.checkpoints_total_limit < 1:
         raise fail("--checkpoints_total_limit must be at least 1")
 

@@ -27,7 +27,6 @@ ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = ROOT / "assets" / "demo_sd"
 # Training stages continue from their checkpoints after a stop, and start over when their command changed.
 TRAIN_RERUN = {"resume_flags": ["--resume_from_checkpoint", "latest"], "fresh_flags": ["--overwrite_output_dir"]}
-EVAL_RUNS = ("random_100", "sd_before_edge", "edge_cpi1", "edge_cpi2", "full_real")
 
 
 def parse_args(argv=None):
@@ -116,12 +115,17 @@ class StageRunner:
         return wall
 
 
-def _manifest_complete(folder: Path) -> bool:
-    path = folder / "manifest.json"
+def _read_json(path: Path) -> dict:
+    """The JSON object in `path`, or {} when it is missing or unreadable (an unfinished stage)."""
     try:
-        return json.loads(path.read_text()).get("status") == "complete"
+        data = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
-        return False
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _manifest_complete(folder: Path) -> bool:
+    return _read_json(folder / "manifest.json").get("status") == "complete"
 
 
 def _is_pipeline(folder: Path) -> bool:
@@ -129,10 +133,7 @@ def _is_pipeline(folder: Path) -> bool:
 
 
 def _has_results(folder: Path) -> bool:
-    try:
-        return "summary" in json.loads((folder / "results.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
+    return "summary" in _read_json(folder / "results.json")
 
 
 def _python(module_or_script: str) -> list:
@@ -248,11 +249,7 @@ def run_eval(runner, args, dflags, name, inputs, out, results_table, extra_check
 
 
 def _caption_done(folder: Path) -> bool:
-    try:
-        manifest = json.loads((folder / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return False
-    return "captions" in manifest and (folder / "annotations" / "train.json").is_file()
+    return "captions" in _read_json(folder / "manifest.json") and (folder / "annotations" / "train.json").is_file()
 
 
 def main(args) -> Path:

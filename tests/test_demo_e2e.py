@@ -6,6 +6,7 @@ import sys
 import pytest
 
 from demo import run_demo
+from demo.report import ROW_LABELS
 
 
 @pytest.mark.slow
@@ -18,7 +19,7 @@ def test_quick_demo_runs_every_stage_writes_report_and_skips_on_rerun(tmp_path, 
     assert all(v["status"] == "done" for v in state.values()), state
     for name in ("data", "eval_full_real", "edge", "sample_sd_before_edge", "sample_edge_cpi1", "caption"):
         assert name in state
-    for name in run_demo.EVAL_RUNS:
+    for name in ROW_LABELS:
         results = json.loads((out / "eval" / name / "results.json").read_text())
         assert set(results["summary"]) >= {"img_r1", "txt_r1", "r_mean"}
     # the EDGE set after caption synthesis holds 8 images with 2 captions each

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import fail
+from .vae_latents import vae_decode
 
 SCORER_DECODE_MODES = ("full", "reduced", "tiny")
 
@@ -39,11 +40,6 @@ def resize_latents(latents: torch.Tensor, size) -> torch.Tensor:
     if tuple(latents.shape[-2:]) == tuple(size):
         return latents
     return F.interpolate(latents, size=tuple(size), mode="bilinear", align_corners=False, antialias=True)
-
-
-def _scaled_to_vae(vae, latents):
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return latents / vae.config.scaling_factor + shift
 
 
 class ScorerDecoder:
@@ -70,10 +66,8 @@ class ScorerDecoder:
 
     def __call__(self, latents: torch.Tensor) -> torch.Tensor:
         if self.mode == "tiny":
-            dec = self.tiny_vae
-            return dec.decode(_scaled_to_vae(dec, latents.to(dec.dtype))).sample
-        latents = resize_latents(latents, self.latent_size(latents.shape[-2:]))
-        return self.vae.decode(_scaled_to_vae(self.vae, latents)).sample
+            return vae_decode(self.tiny_vae, latents.to(self.tiny_vae.dtype))
+        return vae_decode(self.vae, resize_latents(latents, self.latent_size(latents.shape[-2:])))
 
 
 def load_tiny_vae(path, device="cpu", dtype=torch.float32):
@@ -90,11 +84,18 @@ def load_tiny_vae(path, device="cpu", dtype=torch.float32):
     return tiny.to(device=device).eval()
 
 
+def check_decode_flags(mode: str, tiny_vae_path) -> None:
+    """`--tiny_vae` goes with `--scorer_decode tiny` and only with it."""
+    if mode == "tiny" and not tiny_vae_path:
+        raise fail("--scorer_decode tiny needs --tiny_vae <AutoencoderTiny folder> (e.g. a local TAESD copy)")
+    if tiny_vae_path and mode != "tiny":
+        raise fail(f"--tiny_vae is only used with --scorer_decode tiny (got --scorer_decode {mode})")
+
+
 def build_scorer_decoder(mode: str, vae, scorer_size, tiny_vae_path=None, device="cpu",
                          dtype=torch.float32) -> ScorerDecoder:
     """The decoder for `--scorer_decode` (loading `--tiny_vae` for mode tiny)."""
-    if tiny_vae_path and mode != "tiny":
-        raise fail(f"--tiny_vae is only used with --scorer_decode tiny (got --scorer_decode {mode})")
+    check_decode_flags(mode, tiny_vae_path)
     tiny = load_tiny_vae(tiny_vae_path, device, dtype) if mode == "tiny" and tiny_vae_path else None
     return ScorerDecoder(vae, mode, scorer_size, tiny)
 

@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from .errors import fail
 from .seeding import derive_seed
+from .vae_latents import scale_latents
 
 
 class LatentCache:
@@ -55,9 +56,7 @@ def sample_cached_latents(vae, mean: torch.Tensor, std: torch.Tensor, generator=
     from diffusers.utils.torch_utils import randn_tensor
 
     eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    latents = mean + std * eps
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
+    return scale_latents(vae, mean + std * eps)
 
 
 @torch.no_grad()

@@ -23,6 +23,7 @@ from .denoise import diffusion_target, predicted_x0
 from .errors import fail
 from .losses import GatheredEDGELosses, contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1
 from .seeding import derive_seed
+from .vae_latents import vae_decode, vae_encode
 
 LOG_NAME = "train_log.jsonl"
 LOSS_TERMS = ("loss", "contrastive", "diversity", "mse", "top1_i2t", "top1_t2i", "recon", "kl")
@@ -114,20 +115,6 @@ class EDGELossConfig:
     @property
     def uses_scorer(self) -> bool:
         return self.lambda_contrastive > 0 or self.lambda_diversity > 0
-
-
-def vae_encode(vae, pixels, generator=None) -> torch.Tensor:
-    """Scaled latents of [-1, 1] pixels (a sample of the posterior, drawn with `generator`)."""
-    dist = vae.encode(pixels).latent_dist
-    latents = dist.sample(generator=generator)
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return (latents - shift) * vae.config.scaling_factor
-
-
-def vae_decode(vae, latents) -> torch.Tensor:
-    """Pixels in about [-1, 1] from scaled latents (differentiable)."""
-    shift = getattr(vae.config, "shift_factor", None) or 0.0
-    return vae.decode(latents / vae.config.scaling_factor + shift).sample
 
 
 def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, encoder_hidden_states,
