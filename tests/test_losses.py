@@ -47,10 +47,25 @@ def test_contrastive_equals_open_clip_cliploss():
 def test_diversity_hand_values():
     # joint vectors [u_i, v_i]/sqrt2: w0.w1 = 0, w0.w2 = 1/2, w1.w2 = 1/2 -> mean 1/3
     assert diversity_loss(U, V, "image_text").item() == pytest.approx(1 / 3, rel=1e-6)
-    # 6 stacked points: [1,0] three times, [0,1] three times -> 6 of 15 pairs with cosine 1
-    assert diversity_loss(U, V, "image_text_stacked").item() == pytest.approx(6 / 15, rel=1e-6)
+    # 6 stacked points u0=[1,0], u1=[0,1], u2=[1,0], v0=[1,0], v1=[0,1], v2=[0,1]: of the 15 pairs the 3 matched
+    # ones (u_i, v_i) are left out; of the other 12, four have cosine 1 (u0-u2, u2-v0, u1-v2, v1-v2) -> 4 / 12
+    assert diversity_loss(U, V, "image_text_stacked").item() == pytest.approx(4 / 12, rel=1e-6)
     # images only: u0 = u2 -> 1 of 3 pairs
     assert diversity_loss(U, None, "image").item() == pytest.approx(1 / 3, rel=1e-6)
+
+
+def test_stacked_diversity_ignores_matched_pairs():
+    # every image equals its own caption and the pairs are orthogonal: nothing to push apart
+    u = torch.eye(3)
+    assert diversity_loss(u, u.clone(), "image_text_stacked").item() == pytest.approx(0.0, abs=1e-7)
+    # against an explicit loop over the pairs of points that are neither identical nor matched
+    torch.manual_seed(3)
+    u, v = F.normalize(torch.randn(4, 5), dim=-1), F.normalize(torch.randn(4, 5), dim=-1)
+    pts = torch.cat([u, v])
+    terms = [pts[i] @ pts[j] for i in range(8) for j in range(8) if i != j and abs(i - j) != 4]
+    assert diversity_loss(u, v, "image_text_stacked").item() == pytest.approx(sum(terms).item() / 48, rel=1e-5)
+    # one pair: no terms left
+    assert diversity_loss(torch.randn(1, 4), torch.randn(1, 4), "image_text_stacked").item() == 0.0
 
 
 def test_diversity_range():

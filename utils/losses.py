@@ -29,14 +29,29 @@ def mean_off_diagonal(sim: torch.Tensor) -> torch.Tensor:
     return off.sum() / (n * (n - 1))
 
 
+def mean_off_pairs(sim: torch.Tensor) -> torch.Tensor:
+    """Mean of a 2B x 2B similarity of stacked [images; captions] without the diagonal and the matched
+    pairs (i, B + i) and (B + i, i) (0 when nothing is left, i.e. B = 1)."""
+    n = sim.shape[0]
+    b = n // 2
+    idx = torch.arange(n, device=sim.device)
+    excluded = (idx[:, None] == idx[None, :]) | ((idx[:, None] - idx[None, :]).abs() == b)
+    count = n * n - int(excluded.sum())
+    if count == 0:
+        return sim.sum() * 0
+    return sim.masked_fill(excluded, 0).sum() / count
+
+
 def diversity_loss(image_features: torch.Tensor, text_features: torch.Tensor = None,
                    mode: str = "image_text") -> torch.Tensor:
     """Mean pairwise cosine similarity among samples (lower = more diverse), in [-1, 1].
 
     mode "image_text" (default; the public EDGE code): one joint vector per pair,
     W = normalize(cat([u, v], dim=-1)) (B x 2d), mean off-diagonal of W @ W.T (B x B).
-    mode "image_text_stacked": W = normalize(cat([u, v], dim=0)) (2B x d), i.e. images and
-    captions as 2B separate points. mode "image": image features only.
+    mode "image_text_stacked": W = cat([u, v], dim=0) (2B x d), i.e. images and captions as 2B
+    separate points; the mean runs over all pairs of points except each point with itself and each
+    image with its own caption (u_i . v_i is what the contrastive term raises, not a diversity term).
+    mode "image": image features only.
     """
     u = F.normalize(image_features.float(), dim=-1)
     if mode == "image":
@@ -48,7 +63,7 @@ def diversity_loss(image_features: torch.Tensor, text_features: torch.Tensor = N
         if mode == "image_text":
             w = F.normalize(torch.cat([u, v], dim=-1), dim=-1)
         elif mode == "image_text_stacked":
-            w = torch.cat([u, v], dim=0)
+            return mean_off_pairs(torch.cat([u, v], dim=0) @ torch.cat([u, v], dim=0).T)
         else:
             raise ValueError(f"unknown diversity mode '{mode}' (choose from {', '.join(DIVERSITY_MODES)})")
     return mean_off_diagonal(w @ w.T)
