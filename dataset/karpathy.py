@@ -80,9 +80,12 @@ def read_karpathy_train(ann_file, image_root=None, check_images=True) -> list:
 
 
 def read_karpathy_eval(ann_file, image_root=None, check_images=True) -> list:
-    """Read a Karpathy val/test file into [{"image", "caption": [str, ...]}]; a lone string caption is wrapped."""
+    """Read a Karpathy val/test file into [{"image", "caption": [str, ...]}]; a lone string caption is wrapped.
+
+    Each image must appear once (a repeated image means a train-format file, whose recalls would be wrong).
+    """
     data = _read_entry_list(ann_file)
-    entries = []
+    entries, first_entry = [], {}
     for i, entry in enumerate(data):
         image = _image_field(ann_file, i, entry)
         captions = entry["caption"]
@@ -93,6 +96,10 @@ def read_karpathy_eval(ann_file, image_root=None, check_images=True) -> list:
         if not captions:
             raise fail(f'{ann_file} entry {i}: "caption" is an empty list')
         captions = [_check_caption(ann_file, i, c).strip() for c in captions]
+        if image in first_entry:
+            raise fail(f"{ann_file} entry {i}: image {image} repeats entry {first_entry[image]}; an evaluation "
+                       f"split lists each image once with all its captions (is this a train file?)")
+        first_entry[image] = i
         entries.append({"image": image, "caption": captions})
     if check_images and image_root is not None:
         _check_images(ann_file, entries, image_root)

@@ -1,4 +1,5 @@
 """Data set names -> annotation files and image roots (BLIP/LoRS file names)."""
+import re
 from pathlib import Path
 
 from utils.errors import fail
@@ -37,10 +38,37 @@ def _candidates(dataset: str, split: str, ann_root: Path) -> list:
     return found or [ann_root / f"{split}.json", ann_root / f"<name>_{split}.json"]
 
 
+_SPLIT_WORDS = {"train": "train", "val": "val", "validation": "val", "dev": "val", "test": "test"}
+
+
+def splits_named_by(path) -> set:
+    """Splits a file name names ("flickr30k_test.json" -> {"test"}; "captions.json" -> set())."""
+    words = re.split(r"[^a-z0-9]+", Path(path).stem.lower())
+    return {_SPLIT_WORDS[w] for w in words if w in _SPLIT_WORDS}
+
+
+def _check_single_file_split(dataset: str, split: str, ann_file: Path) -> None:
+    """A single annotation file stands for one split: the one its name says.
+
+    An evaluation split (val/test) needs a file whose name names it; the train split accepts a file
+    that names no split (a custom caption file) but not a val/test file.
+    """
+    named = splits_named_by(ann_file)
+    if split in named and len(named) == 1:
+        return
+    if split == "train" and not named:
+        return
+    what = f"names the {'/'.join(sorted(named))} split" if named else "names no split"
+    raise fail(f"{dataset} {split}: the annotation file {ann_file} {what}, so it is not used as the {split} "
+               f"split; pass the annotation folder (with the {split} file) or a file named like "
+               f"<name>_{split}.json")
+
+
 def resolve_split(dataset: str, split: str, ann_root, image_root=None) -> tuple:
     """(annotation file, image root) of a split; raises InputError saying what was looked for.
 
-    `ann_root` may also be the annotation file itself. The image root defaults to the annotation
+    `ann_root` may also be the annotation file itself, for the split its name names (val/test only then;
+    train also from a file that names no split). The image root defaults to the annotation
     folder (for "procedural": the data set folder, which holds images/). For "cc3m" without a JSON
     file, an img2dataset folder <ann_root>/<split>/ is returned in place of the file.
     """
@@ -52,6 +80,7 @@ def resolve_split(dataset: str, split: str, ann_root, image_root=None) -> tuple:
         raise fail(f"{dataset}: no annotation folder given; {_HOW_TO_GET[dataset].format(split=split)}")
     ann_root = Path(ann_root)
     if ann_root.is_file():
+        _check_single_file_split(dataset, split, ann_root)
         ann_file = ann_root
     else:
         candidates = _candidates(dataset, split, ann_root)

@@ -161,3 +161,35 @@ def test_registry_karpathy_is_lenient(tmp_path):
     assert len(load_split("karpathy", "test", tmp_path / "ann" / "test.json", tmp_path / "im")) == 1
     with pytest.raises(InputError, match="karpathy val annotations not found"):
         resolve_split("karpathy", "val", tmp_path / "ann", tmp_path / "im")
+
+
+def test_single_file_refused_for_a_split_it_does_not_name(tmp_path):
+    """`--ann_root <train file>` must not be used as the test (or val) split."""
+    _png(tmp_path / "im" / "x.png")
+    train = _write(tmp_path / "ann" / "mine_train.json", [{"image": "x.png", "caption": "c"}])
+    assert resolve_split("karpathy", "train", train, tmp_path / "im")[0] == train
+    for split in ("test", "val"):
+        with pytest.raises(InputError, match=f"mine_train.json.*train split.*{split}"):
+            resolve_split("karpathy", split, train, tmp_path / "im")
+    # a file that names no split is not taken as an evaluation split either
+    plain = _write(tmp_path / "ann" / "captions.json", [{"image": "x.png", "caption": ["c"]}])
+    with pytest.raises(InputError, match="captions.json.*names no split.*test"):
+        resolve_split("karpathy", "test", plain, tmp_path / "im")
+    assert resolve_split("karpathy", "train", plain, tmp_path / "im")[0] == plain
+    # a test file is not training data
+    test = _write(tmp_path / "ann" / "flickr30k_test.json", [{"image": "x.png", "caption": ["c"]}])
+    with pytest.raises(InputError, match="flickr30k_test.json.*test split.*train"):
+        resolve_split("flickr30k", "train", test, tmp_path / "im")
+    assert resolve_split("flickr30k", "test", test, tmp_path / "im")[0] == test
+
+
+def test_eval_split_refuses_repeated_images(tmp_path):
+    _png(tmp_path / "x.png")
+    _png(tmp_path / "y.png")
+    f = _write(tmp_path / "ann" / "test.json", [{"image": "x.png", "caption": ["a"]},
+                                                 {"image": "y.png", "caption": ["b"]},
+                                                 {"image": "x.png", "caption": ["c"]}])
+    with pytest.raises(InputError, match=r"test.json entry 2: image x.png repeats entry 0"):
+        read_karpathy_eval(f, tmp_path)
+    with pytest.raises(InputError, match="repeats"):
+        load_split("karpathy", "test", tmp_path / "ann", tmp_path)
