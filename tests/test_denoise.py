@@ -35,3 +35,16 @@ def test_clamp_and_bad_type():
     assert x.abs().max().item() == pytest.approx(1.0)
     with pytest.raises(ValueError):
         predicted_x0(sched, torch.zeros(1, 1), torch.zeros(1, 1), torch.tensor([0]), prediction_type="flow")
+
+
+def test_epsilon_with_zero_terminal_snr_is_refused():
+    from utils.denoise import check_x0_estimable
+    from utils.errors import InputError
+
+    eps = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", rescale_betas_zero_snr=True)
+    with pytest.raises(InputError, match=r"rescale_betas_zero_snr=True.*timestep 999.*--t_max 998"):
+        check_x0_estimable(eps, 0, 999)
+    check_x0_estimable(eps, 0, 998)  # the range without the zero-SNR timestep is fine
+    check_x0_estimable(DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction",
+                                     rescale_betas_zero_snr=True), 0, 999)
+    check_x0_estimable(DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon"), 0, 999)

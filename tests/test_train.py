@@ -164,3 +164,17 @@ def test_moving_average_is_trailing_mean():
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]
+
+
+def test_epsilon_zero_snr_model_is_refused_before_training(assets, tmp_path):
+    from utils.sd_models import build_tiny_sd
+
+    sd = build_tiny_sd(tmp_path / "sd_zero_snr", prediction_type="epsilon", zero_snr=True)
+    argv = _argv(assets, tmp_path / "out", "--train_batch_size", "2", "--max_train_steps", "2")
+    argv[1] = str(sd)
+    with pytest.raises(InputError, match="rescale_betas_zero_snr=True"):
+        script.main(script.parse_args(argv))
+    assert not (tmp_path / "out" / "logs" / "train_log.jsonl").exists()
+    # MSE-only training never forms the x0 estimate: accepted
+    script.main(script.parse_args(argv + ["--lambda_contrastive", "0", "--lambda_diversity", "0", "--lambda_mse", "1",
+                                          "--output_dir", str(tmp_path / "mse")]))

@@ -15,6 +15,27 @@ def _abar(scheduler, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tenso
     return abar.view(-1, *([1] * (like.ndim - 1)))
 
 
+def check_x0_estimable(scheduler, t_min: int, t_max: int, prediction_type: str = None) -> None:
+    """Refuse an epsilon-prediction x0 estimate at a timestep where abar is 0 (it divides by sqrt(abar)).
+
+    That is the last timestep of a scheduler with rescale_betas_zero_snr=True; v- and sample-prediction
+    estimates stay finite there.
+    """
+    from .errors import fail
+
+    ptype = prediction_type or scheduler.config.prediction_type
+    if ptype != "epsilon":
+        return
+    abar = scheduler.alphas_cumprod[t_min:t_max + 1]
+    zero = (abar <= 0).nonzero().flatten()
+    if len(zero):
+        t = t_min + int(zero[0])
+        raise fail(f"--pretrained_model_name_or_path: its scheduler predicts epsilon with "
+                   f"rescale_betas_zero_snr={scheduler.config.get('rescale_betas_zero_snr', False)}, so alpha_bar is 0 "
+                   f"at timestep {t} and the x0 estimate of the EDGE terms divides by zero; use a v_prediction model "
+                   f"or pass --t_max {t - 1}")
+
+
 def predicted_x0(scheduler, model_output: torch.Tensor, noisy: torch.Tensor, timesteps: torch.Tensor,
                  prediction_type: str = None, clamp: float = None) -> torch.Tensor:
     """Differentiable x0 estimate (in the dtype of `model_output`); optional clamp to [-clamp, clamp]."""

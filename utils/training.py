@@ -19,7 +19,7 @@ import torch
 from torch.utils.data import DataLoader, Sampler
 
 from .atomic_io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
-from .denoise import diffusion_target, predicted_x0
+from .denoise import check_x0_estimable, diffusion_target, predicted_x0
 from .errors import fail
 from .losses import GatheredEDGELosses, contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1
 from .seeding import derive_seed
@@ -354,6 +354,8 @@ def train(args) -> Path:
     cfg.t_max = n_train_t - 1 if args.t_max is None else args.t_max
     if not 0 <= cfg.t_min <= cfg.t_max < n_train_t:
         raise fail(f"need 0 <= --t_min <= --t_max < {n_train_t}, got {cfg.t_min}..{cfg.t_max}")
+    if cfg.uses_scorer:
+        check_x0_estimable(noise_scheduler, cfg.t_min, cfg.t_max)
     weight_dtype = _weight_dtype(accelerator.mixed_precision)
     scorer = build_scorer(args.scorer, accelerator.device, weight_dtype) if cfg.uses_scorer else None
     gatherer = (GatheredEDGELosses(cfg.temperature, rank, world, cfg.diversity_on)
