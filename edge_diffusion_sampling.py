@@ -109,8 +109,10 @@ def load_prompts(args) -> tuple:
 
 def main(args):
     """Run the sampling stage (or the legacy conversion) and return the output folder."""
+    from utils.atomic_io import check_output_dir
     from utils.sampling import convert_legacy, sample_distilled_set
 
+    check_output_dir(args.output_dir)  # before prompts are read and the model loads
     if args.convert_from_legacy:
         return convert_legacy(args.convert_from_legacy, args.output_dir, overwrite=args.overwrite,
                               preview_n=args.preview_n)

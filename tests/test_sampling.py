@@ -275,3 +275,38 @@ def test_lora_run_folder_is_sampled_as_base_plus_lora(tiny_sd, tmp_path):
                             "--output_dir", str(tmp_path / "l"), *common]))
     assert read_distilled_set(lora).manifest["lora_weights"] == str(run_dir.resolve())
     assert (lora / "images/000000.png").read_bytes() != (base / "images/000000.png").read_bytes()
+
+
+def test_broken_images_of_an_interrupted_run_are_rendered_again(tiny_sd, procedural, tmp_path):
+    ref = run(tiny_sd, procedural, tmp_path / "ref")
+    part = tmp_path / "x"
+    run(tiny_sd, procedural, part)
+    (part / "annotations/train.json").unlink()  # as if killed before the end
+    (part / "images/000001.png").write_bytes(b"")  # a 0-byte file
+    data = (part / "images/000003.png").read_bytes()
+    (part / "images/000003.png").write_bytes(data[: len(data) // 2])  # a truncated one
+    assert sampling.missing_indices(part, 5) == [1, 3]
+    run(tiny_sd, procedural, part)
+    assert set_bytes(part) == set_bytes(ref)
+
+
+@pytest.mark.parametrize("kind", ["file", "below_file", "read_only"])
+def test_unusable_output_dir_is_one_line_before_the_model_loads(tiny_sd, procedural, tmp_path, monkeypatch, kind):
+    import utils.atomic_io as atomic_io
+
+    (tmp_path / "f").write_text("x")
+    out = {"file": tmp_path / "f", "below_file": tmp_path / "f" / "out", "read_only": tmp_path / "ro" / "out"}[kind]
+    if kind == "read_only":
+        (tmp_path / "ro").mkdir()
+        real_access = os.access
+        monkeypatch.setattr(atomic_io.os, "access",
+                            lambda p, mode, **k: False if str(p) == str(tmp_path / "ro") else real_access(p, mode))
+
+    def no_model(*a, **k):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(sampling, "load_sampling_pipeline", no_model)
+    expect = {"file": "is a file", "below_file": "is a file", "read_only": "not writable"}[kind]
+    with pytest.raises(InputError, match=rf"--output_dir .*{expect}") as e:
+        run(tiny_sd, procedural, out)
+    assert "\n" not in str(e.value)

@@ -88,6 +88,42 @@ def read_jsonl(path) -> list:
     return records
 
 
+def check_output_dir(path, flag: str = "--output_dir") -> None:
+    """Fail early (before any model loads) when `path` cannot become a writable output folder.
+
+    One-line InputError when `path` is a file, sits below a file, or its nearest existing folder is not
+    writable. Nothing is created. The one such check: every stage script calls it.
+    """
+    from .errors import fail
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise fail(f"{flag} {path} is a file, not a folder; choose a folder path")
+    probe = path
+    while not probe.exists():  # nearest existing ancestor: where the first mkdir will happen
+        if probe.parent == probe:
+            break
+        probe = probe.parent
+    if probe.exists() and not probe.is_dir():
+        raise fail(f"{flag} {path} cannot be created: {probe} is a file")
+    if not _writable(probe):
+        what = "is not writable" if probe == path else f"cannot be created: {probe} is not writable"
+        raise fail(f"{flag} {path} {what}")
+
+
+def _writable(folder: Path) -> bool:
+    """True when a file can be created in `folder` (permission bits, then a real probe: read-only mounts, root)."""
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=".edge-write-check.", suffix=".tmp")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(tmp)
+    return True
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

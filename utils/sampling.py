@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from .atomic_io import atomic_save_image
+from .atomic_io import atomic_save_image, check_output_dir
 from .errors import fail
 from .seeding import item_generator
 
@@ -250,7 +250,7 @@ def settings_differences(existing: dict, settings: dict) -> list:
     return [k for k in SETTINGS_KEYS if existing.get(k) != settings.get(k)]
 
 
-def check_output_dir(output_dir, settings: dict, overwrite: bool) -> bool:
+def check_existing_set(output_dir, settings: dict, overwrite: bool) -> bool:
     """Decide whether `output_dir` can receive this set; True when it must be cleared first (--overwrite).
 
     Refuses (InputError) a folder holding a set made with other settings, or images/annotations without
@@ -295,10 +295,25 @@ def clear_output_dir(output_dir) -> None:
         (output_dir / name).unlink(missing_ok=True)
 
 
+def image_is_complete(path) -> bool:
+    """True when `path` is a whole, decodable image (a 0-byte or truncated file from a killed run is not)."""
+    from PIL import Image
+
+    path = Path(path)
+    try:
+        if not path.is_file() or path.stat().st_size == 0:
+            return False
+        with Image.open(path) as image:
+            image.load()  # full decode: verify() alone misses a file cut after its last complete chunk
+        return True
+    except Exception:  # noqa: BLE001 - any decoder failure means "render it again"
+        return False
+
+
 def missing_indices(output_dir, num_images: int, image_format: str = "png") -> list:
-    """Indices whose image file does not exist yet."""
+    """Indices whose image file does not exist yet or is broken (empty or truncated)."""
     output_dir = Path(output_dir)
-    return [i for i in range(num_images) if not (output_dir / image_relpath(i, image_format)).is_file()]
+    return [i for i in range(num_images) if not image_is_complete(output_dir / image_relpath(i, image_format))]
 
 
 def render_blocks(pipe, cache, prompts, blocks, output_dir, seed, num_inference_steps, guidance_scale, height,
@@ -306,12 +321,14 @@ def render_blocks(pipe, cache, prompts, blocks, output_dir, seed, num_inference_
     """Render every block with at least one missing image and write its missing images atomically.
 
     A whole block is re-rendered (never a partial one) so a resumed set equals an uninterrupted one.
-    Returns the number of images written.
+    Existing files are decoded first: an empty or truncated image (left by a crash outside the atomic
+    writer, or a copy cut short) counts as missing and is rendered again. Returns the number written.
     """
     from tqdm.auto import tqdm
 
     output_dir = Path(output_dir)
-    todo = [b for b in blocks if any(not (output_dir / image_relpath(i, image_format)).is_file() for i in b)]
+    broken = {i for b in blocks for i in b if not image_is_complete(output_dir / image_relpath(i, image_format))}
+    todo = [b for b in blocks if any(i in broken for i in b)]
     bar = tqdm(total=sum(len(b) for b in todo), desc=desc, unit="img", disable=not progress, position=position)
     written = 0
     for block in todo:
@@ -319,7 +336,7 @@ def render_blocks(pipe, cache, prompts, blocks, output_dir, seed, num_inference_
                                guidance_scale, height, width)
         for i, image in zip(block, images):
             path = output_dir / image_relpath(i, image_format)
-            if not path.is_file():
+            if i in broken:
                 atomic_save_image(path, image, format=IMAGE_FORMATS[image_format])
                 written += 1
         bar.update(len(block))
@@ -395,6 +412,7 @@ def convert_legacy(legacy_dir, output_dir, overwrite: bool = False, preview_n: i
     from dataset.images import load_image
 
     legacy_dir, output_dir = Path(legacy_dir), Path(output_dir)
+    check_output_dir(output_dir)
     img_dir, txt_dir = legacy_dir / "images", legacy_dir / "prompts"
     for d in (img_dir, txt_dir):
         if not d.is_dir():
@@ -477,6 +495,7 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
         raise fail("no prompts to render")
     blocks_for_process(len(prompts), batch_size, 0, 1)  # validates batch_size before the model loads
     output_dir = Path(output_dir)
+    check_output_dir(output_dir)  # a file or a read-only folder: one line now, not after the model loads
     pipe = load_sampling_pipeline(model, dtype=dtype, scheduler=scheduler, lora_weights=lora_weights,
                                   device=state.device, channels_last=channels_last, attention=attention)
     dh, dw = default_size(pipe)
@@ -506,7 +525,7 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
         "prompts_sha256": prompts_digest(prompts),
         "code_version": code_version(),
     }
-    must_clear = check_output_dir(output_dir, settings, overwrite)
+    must_clear = check_existing_set(output_dir, settings, overwrite)
     state.wait_for_everyone()
     if state.is_main_process:
         if must_clear:
