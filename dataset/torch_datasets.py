@@ -23,7 +23,9 @@ class ImageCaptionTrainDataset(Dataset):
     """Items {"pixel_values", "caption", "index"}: image i with one of its captions drawn at random.
 
     The draw depends only on (seed, epoch, i), so it is reproducible, independent of worker and
-    process count, and changes from epoch to epoch through `set_epoch`.
+    process count, and changes from epoch to epoch through `use_epoch`. (Not named `set_epoch`: accelerate's
+    DataLoaderShard calls `dataset.set_epoch(its own iteration counter)` at every pass, and that counter
+    restarts at 0 after a resume, so resumed epochs would draw the captions of epoch 0, 1, ...)
     """
 
     def __init__(self, groups, image_root, transform=None, seed: int = 0):
@@ -48,7 +50,7 @@ class ImageCaptionTrainDataset(Dataset):
         """Build from a `dataset.distilled.DistilledSet`."""
         return cls(distilled_set.groups, distilled_set.folder, transform, seed)
 
-    def set_epoch(self, epoch: int) -> None:
+    def use_epoch(self, epoch: int) -> None:
         """Choose which caption each image gets this epoch."""
         self.epoch = int(epoch)
 

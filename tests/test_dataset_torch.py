@@ -33,12 +33,12 @@ def test_train_item_and_reproducible_draws(root):
     assert [again[i]["caption"] for i in range(4)] == draws[0]
     per_epoch = []
     for epoch in range(6):
-        ds.set_epoch(epoch)
+        ds.use_epoch(epoch)
         per_epoch.append(tuple(ds.caption_index(i) for i in range(4)))
     assert len(set(per_epoch)) > 1, "captions must change across epochs"
     seen = set()
     for epoch in range(50):
-        ds.set_epoch(epoch)
+        ds.use_epoch(epoch)
         seen.add(ds.caption_index(0))
     assert seen == set(range(5)), "every caption is eventually drawn"
 
@@ -85,3 +85,20 @@ def test_distilled_set_through_both_classes(root):
     assert batch["index"].tolist() == [0, 1, 2, 3]
     evaluation = RetrievalEvalDataset.from_distilled(distilled)
     assert len(evaluation.texts) == 1 + 2 + 3 + 4 and evaluation.img2txt[1] == [1, 2]
+
+
+def test_no_set_epoch_for_accelerate_to_override(root):
+    # accelerate's DataLoaderShard calls dataset.set_epoch(<its iteration counter>), which restarts at 0 after a
+    # resume; the caption draw must follow only the training loop's epoch (use_epoch)
+    from utils.latent_cache import CaptionOnlyDataset
+
+    ds = ImageCaptionTrainDataset(_groups(), root, seed=7)
+    assert not hasattr(ds, "set_epoch") and not hasattr(CaptionOnlyDataset(ds), "set_epoch")
+    from accelerate import Accelerator
+    from torch.utils.data import DataLoader
+
+    loader = Accelerator(cpu=True).prepare(DataLoader(ds, batch_size=2, collate_fn=lambda items: items))
+    ds.use_epoch(3)
+    expected = [ds.caption_index(i) for i in range(4)]
+    list(loader)
+    assert ds.epoch == 3 and [ds.caption_index(i) for i in range(4)] == expected

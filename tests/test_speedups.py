@@ -177,7 +177,7 @@ def test_caption_only_dataset_keeps_the_caption_draw():
     base = ImageCaptionTrainDataset(groups, "/nowhere", seed=2)
     wrapped = CaptionOnlyDataset(base)
     for epoch in (0, 3):
-        wrapped.set_epoch(epoch)
+        wrapped.use_epoch(epoch)
         assert [wrapped[i]["caption"] for i in range(6)] == [
             groups[i]["captions"][base.caption_index(i)] for i in range(6)]
     assert wrapped[4]["index"] == 4 and "pixel_values" not in wrapped[4]

@@ -23,8 +23,10 @@ def assets(tmp_path_factory):
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("train_assets")
     spec = ProceduralSpec(resolution=32, n_train=8, n_val=1, n_test=1, captions_per_image=1)
+    spec5 = ProceduralSpec(resolution=32, n_train=8, n_val=1, n_test=1, captions_per_image=5)
     return {"sd": str(build_tiny_sd(root / "sd")), "data": str(generate_procedural_dataset(root / "proc", spec,
                                                                                            progress=False)),
+            "data5": str(generate_procedural_dataset(root / "proc5", spec5, progress=False)),
             "clip": str(build_tiny_hf_clip(root / "clip"))}
 
 
@@ -86,6 +88,37 @@ def test_resume_repeats_uninterrupted_run(assets, tmp_path):
     log = _log(resumed)
     assert [r["step"] for r in log] == list(range(1, 7))
     assert log[-1]["loss"] == pytest.approx(_log(full)[-1]["loss"], rel=1e-6)
+
+
+def _interrupted_copy(full, dst, step):
+    """A run killed after its checkpoint at `step`, with log records written past it."""
+    dst.mkdir()
+    shutil.copytree(full / f"checkpoint-{step}", dst / f"checkpoint-{step}")
+    shutil.copy(full / "run_config.json", dst / "run_config.json")
+    (dst / "logs").mkdir()
+    (dst / "logs" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _log(full)[:step + 1]))
+
+
+def _max_diff(a_dir, b_dir):
+    a = load_file(a_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    b = load_file(b_dir / "unet" / "diffusion_pytorch_model.safetensors")
+    return max((a[k] - b[k]).abs().max().item() for k in a)
+
+
+def test_resume_with_five_captions_per_image(assets, tmp_path):
+    # 8 images, batch 2: 4 steps per epoch; killed at step 6 (mid epoch 1), resumed to step 10 (epoch 2).
+    # Each epoch draws other captions, so a resume that redraws epoch-0 captions ends elsewhere.
+    common = ("--ann_root", assets["data5"], "--train_batch_size", "2", "--max_train_steps", "10",
+              "--checkpointing_steps", "3", "--trainable", "difffit", "--optimizer", "adamw", "--learning_rate", "1e-2",
+              "--lambda_mse", "1")
+    full = tmp_path / "full"
+    script.main(script.parse_args(_argv(assets, full, *common)))
+    resumed = tmp_path / "resumed"
+    _interrupted_copy(full, resumed, 6)
+    script.main(script.parse_args(_argv(assets, resumed, *common, "--resume_from_checkpoint", "latest")))
+    assert _max_diff(full, resumed) < 1e-6
+    assert _max_diff(full, full / "checkpoint-6") > 1e-3
+    assert [r["loss"] for r in _log(resumed)] == pytest.approx([r["loss"] for r in _log(full)], rel=1e-5)
 
 
 def test_bad_inputs(assets, tmp_path):

@@ -107,8 +107,9 @@ class CaptionOnlyDataset(Dataset):
     def __init__(self, base):
         self.base = base
 
-    def set_epoch(self, epoch: int) -> None:
-        self.base.set_epoch(epoch)
+    def use_epoch(self, epoch: int) -> None:
+        """The caption draw of `epoch` (see ImageCaptionTrainDataset.use_epoch)."""
+        self.base.use_epoch(epoch)
 
     def __len__(self) -> int:
         return len(self.base)

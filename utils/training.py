@@ -475,7 +475,7 @@ def train(args) -> Path:
     unet.train()
     for epoch in range(first_epoch, num_epochs):
         sampler.use_epoch(epoch)
-        dataset.set_epoch(epoch)
+        dataset.use_epoch(epoch)
         epoch_loader = loader
         if epoch == first_epoch and skip_batches:
             epoch_loader = accelerator.skip_first_batches(loader, skip_batches)

@@ -78,7 +78,7 @@ def pretrain_vae(args) -> Path:
     model = accelerator.unwrap_model(vae)
     while step < max_steps:
         sampler.use_epoch(epoch)
-        dataset.set_epoch(epoch)
+        dataset.use_epoch(epoch)
         for batch in loader:
             terms = vae_loss(model, batch["pixel_values"], args.vae_kl_weight)
             if not torch.isfinite(terms["loss"]):
