@@ -121,4 +121,68 @@ def read_distilled_set(folder, check_images: bool = True) -> DistilledSet:
         raise fail(f"{folder} is not a distilled set folder: {folder / ANNOTATION_FILE} is missing")
     entries = read_karpathy_train(folder / ANNOTATION_FILE, image_root=folder, check_images=check_images)
     records = [{"image": g["image"], "captions": g["captions"]} for g in group_by_image(entries)]
-    return DistilledSet(folder=folder, records=records, manifest=read_manifest(folder))
+    manifest = read_manifest(folder)
+    _check_complete(folder, records, manifest)
+    return DistilledSet(folder=folder, records=records, manifest=manifest)
+
+
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
+
+
+def _check_complete(folder: Path, records: list, manifest: dict) -> None:
+    """Every image of the set is in the annotation file: the files in images/, the imagefolder metadata and
+    the manifest's count agree with it (an omitted image would otherwise be skipped by every later stage)."""
+    ann_file = folder / ANNOTATION_FILE
+    annotated = {r["image"] for r in records}
+    image_dir = folder / "images"
+    if image_dir.is_dir():
+        on_disk = sorted(f"images/{p.name}" for p in image_dir.iterdir()
+                         if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+        for rel in on_disk:
+            if rel not in annotated:
+                raise fail(f"{ann_file} omits image {rel} (a file in {image_dir}); every image of a distilled "
+                           f"set needs its captions there: rerun the stage that wrote the set, or remove the file")
+    count = manifest.get("num_images")
+    if isinstance(count, int) and not isinstance(count, bool) and count != len(records):
+        raise fail(f"{folder / MANIFEST_FILE} records {count} images but {ann_file} captions {len(records)}; "
+                   f"the set is incomplete: rerun the stage that wrote it")
+    meta = folder / METADATA_FILE
+    if meta.is_file():
+        for n, line in enumerate(meta.read_text(encoding="utf-8").splitlines(), 1):
+            try:
+                name = json.loads(line).get("file_name") if line.strip() else None
+            except (json.JSONDecodeError, AttributeError):
+                raise fail(f"{meta} line {n} is not a JSON object")
+            if isinstance(name, str) and f"images/{name}" not in annotated:
+                raise fail(f"{ann_file} omits image images/{name} (listed in {meta}); every image of a distilled "
+                           f"set needs its captions there: rerun the stage that wrote the set")
+
+
+def caption_warnings(dset: DistilledSet) -> list:
+    """One-line warnings about captioning that fell short of what the manifest asked for (empty when none).
+
+    The caption scripts record {"cpi", "failed", "short", "unreadable"} under the manifest's "captions";
+    images with fewer than `cpi` captions, or any failed/short/unreadable count, give one line naming
+    manifest.json.
+    """
+    info = dset.manifest.get("captions")
+    if not isinstance(info, dict):
+        return []
+    cpi = info.get("cpi")
+    cpi = cpi if isinstance(cpi, int) and not isinstance(cpi, bool) and cpi > 0 else None
+
+    def count(kind):
+        block = info.get(kind)
+        value = block.get("count") if isinstance(block, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    fewer = [r["image"] for r in dset.records if cpi is not None and len(r["captions"]) < cpi]
+    kinds = {kind: count(kind) for kind in ("failed", "short", "unreadable")}
+    if not fewer and not any(kinds.values()):
+        return []
+    parts = [f"{n} {kind}" for kind, n in kinds.items() if n]
+    head = (f"{len(fewer)} image(s) have fewer than {cpi} captions" if cpi is not None
+            else "captioning did not finish")
+    example = f", e.g. {', '.join(fewer[:3])}{' ...' if len(fewer) > 3 else ''}" if fewer else ""
+    return [f"{dset.folder / MANIFEST_FILE}: caption synthesis asked for {cpi or '?'} per image; {head}"
+            f"{example} ({', '.join(parts) or 'not recorded as failed'}); rerun the caption script to fill them"]

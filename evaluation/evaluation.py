@@ -189,11 +189,13 @@ def _train_groups(args):
     from dataset.registry import load_split, resolve_split
 
     if args.distill_dir:
-        from dataset.distilled import read_distilled_set
+        from dataset.distilled import caption_warnings, read_distilled_set
 
         ds = read_distilled_set(args.distill_dir)
         if len(ds) == 0:
             raise fail(f"distilled set {args.distill_dir} has no images")
+        for line in caption_warnings(ds):
+            print(f"warning: {line}", file=sys.stderr)
         return ds.groups, Path(ds.folder)
     _, image_root = resolve_split(args.dataset, "train", args.ann_root, args.image_root)
     groups = group_by_image(load_split(args.dataset, "train", args.ann_root, args.image_root))
@@ -258,6 +260,11 @@ def main(args):
     set_cpu_threads(args.num_threads)
     run_name = args.run_name or default_run_name(args)
     output_dir = Path(args.output_dir or Path("outputs") / "eval" / _slug(run_name))
+    from utils.atomic_io import check_output_dir
+
+    check_output_dir(output_dir)  # a file or a read-only folder: one line before any model loads
+    if args.save_model_dir:
+        check_output_dir(args.save_model_dir, "--save_model_dir")
     if (output_dir / "results.json").exists() and not args.overwrite:
         raise fail(f"{output_dir / 'results.json'} exists; pass --overwrite or another --output_dir")
     accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)

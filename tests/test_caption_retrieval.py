@@ -112,3 +112,16 @@ def test_retrieval_bad_inputs(tmp_path):
             ["--input_dir", str(src), "--inplace", "--dataset", "flickr30k", "--ann_root", str(tmp_path / "none")]))
     with pytest.raises(InputError, match="--cpi"):
         retrieval_script.main(retrieval_script.parse_args(["--input_dir", str(src), "--inplace", "--cpi", "-1"]))
+
+
+def test_caption_synthesis_refuses_a_set_whose_annotations_omit_an_image(tmp_path, monkeypatch):
+    monkeypatch.setattr(scorers, "build_scorer", lambda spec, device="cpu", dtype=torch.float32: ColourScorer(device))
+    ann = make_pool(tmp_path / "pool")
+    src = make_set(tmp_path / "set")
+    train = src / "annotations" / "train.json"
+    train.write_text(json.dumps([e for e in json.loads(train.read_text()) if e["image"] != "images/000001.png"]))
+    with pytest.raises(InputError, match=r"train.json omits image images/000001.png"):
+        retrieval_script.main(retrieval_script.parse_args(
+            ["--input_dir", str(src), "--output_dir", str(tmp_path / "out"), "--cpi", "2", "--dataset", "karpathy",
+             "--ann_root", str(ann), "--scorer", "colour:test"]))
+    assert not (tmp_path / "out" / "annotations").exists()

@@ -103,3 +103,40 @@ def test_bad_manifest(tmp_path):
     (tmp_path / "manifest.json").write_text("[1, 2]")
     with pytest.raises(InputError, match="manifest.json must hold a JSON object"):
         read_manifest(tmp_path)
+
+
+def _drop_from_annotations(folder, image):
+    ann = folder / "annotations" / "train.json"
+    entries = [e for e in json.loads(ann.read_text()) if e["image"] != image]
+    ann.write_text(json.dumps(entries))
+
+
+def test_annotations_omitting_an_image_fail(tmp_path):
+    """An image in images/ (and in the manifest) that the annotation file omits is not dropped silently."""
+    rels = _images(tmp_path, 3)
+    write_distilled_set(tmp_path, [{"image": r, "captions": ["x"]} for r in rels])
+    _drop_from_annotations(tmp_path, rels[1])
+    with pytest.raises(InputError, match=r"annotations/train.json omits image images/000001.png"):
+        read_distilled_set(tmp_path)
+    # the file gone too, but the manifest still counts it
+    (tmp_path / rels[1]).unlink()
+    with pytest.raises(InputError, match=r"manifest.json records 3 images but .*train.json captions 2"):
+        read_distilled_set(tmp_path)
+
+
+def test_caption_warnings_name_the_manifest(tmp_path):
+    from dataset.distilled import caption_warnings
+
+    rels = _images(tmp_path, 3)
+    write_distilled_set(tmp_path, [{"image": rels[0], "captions": ["a", "b"]},
+                                   {"image": rels[1], "captions": ["c"]},
+                                   {"image": rels[2], "captions": ["d", "e"]}],
+                        {"captions": {"cpi": 2, "failed": {"count": 1, "images": [{"image": rels[1], "error": "x"}]},
+                                      "short": {"count": 0, "images": []}}})
+    warnings = caption_warnings(read_distilled_set(tmp_path))
+    assert len(warnings) == 1 and "\n" not in warnings[0]
+    assert "manifest.json" in warnings[0] and "1 image(s) have fewer than 2 captions" in warnings[0]
+    assert "images/000001.png" in warnings[0] and "1 failed" in warnings[0]
+    write_distilled_set(tmp_path, [{"image": r, "captions": ["a", "b"]} for r in rels],
+                        {"captions": {"cpi": 2, "failed": {"count": 0}, "short": {"count": 0}}})
+    assert caption_warnings(read_distilled_set(tmp_path)) == []
