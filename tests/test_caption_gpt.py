@@ -251,3 +251,37 @@ def test_gpt_cpi_1_and_recipe_defaults_with_flags_winning(tmp_path, key):
         run(["--input_dir", str(src), "--output_dir", str(tmp_path / "busy")], server)
     with pytest.raises(InputError, match="exactly one"):
         run(["--input_dir", str(src)], server)
+
+
+def test_gpt_base_url_credentials_are_never_written_or_printed(tmp_path, key, capsys):
+    secret_url = "http://alice:pa55word@localhost:9/v1?api_key=QUERYSECRET"
+    src = make_set(tmp_path / "set", n=2)
+    out = tmp_path / "out"
+    run(["--input_dir", str(src), "--output_dir", str(out), "--base_url", secret_url, "--max_retries", "0"],
+        MockServer())
+    written = "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file() and p.suffix != ".png")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["captions"]["settings"]["base_url"] == "http://***@localhost:9/v1?api_key=***"
+    # a refused request: the one-line error names the server without its credentials
+    server = MockServer(plan=lambda k, b: httpx.Response(401, json={"error": {"message": "no"}}))
+    code = gpt_script.script_entry(lambda a: gpt_script.main(a, http_client=server.client()), gpt_script.parse_args,
+                                   ["--input_dir", str(src), "--output_dir", str(tmp_path / "o2"),
+                                    "--base_url", secret_url])
+    err = capsys.readouterr().err
+    assert code == 2 and "refused" in err and "localhost:9" in err
+    for secret in ("pa55word", "alice", "QUERYSECRET", KEY):
+        assert secret not in written and secret not in err
+
+
+def test_run_config_and_redaction_helper_mask_credentials(tmp_path, monkeypatch, key):
+    import argparse
+
+    from utils.config import save_run_config
+    from utils.errors import redact_secrets
+
+    assert redact_secrets("see https://u:p@host/x and sk-abcdefghijkl") == "see https://***@host/x and ***"
+    assert redact_secrets("http://host/v1") == "http://host/v1" and redact_secrets(None) is None
+    monkeypatch.setattr("sys.argv", ["x.py", "--base_url", "http://bob:hunter2@h/v1"])
+    path = save_run_config(argparse.Namespace(base_url="http://bob:hunter2@h/v1", prompts=[f"key {KEY}"]), tmp_path)
+    text = path.read_text()
+    assert "hunter2" not in text and "bob" not in text and KEY not in text and "http://***@h/v1" in text

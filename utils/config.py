@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from .atomic_io import atomic_write_json
-from .errors import fail
+from .errors import fail, redact_secrets
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -150,17 +150,19 @@ def run_info() -> dict:
         "code_version": code_version(),
         "python": platform.python_version(),
         "torch": torch.__version__,
-        "argv": sys.argv,
+        "argv": [redact_secrets(a) for a in sys.argv],
     }
 
 
 def args_to_dict(args) -> dict:
-    """A JSON-serialisable dict of parsed arguments."""
+    """A JSON-serialisable dict of parsed arguments (URL credentials and API keys masked)."""
     out = {}
     for k, v in vars(args).items():
         if isinstance(v, Path):
             v = str(v)
-        out[k] = v
+        if isinstance(v, (list, tuple)):
+            v = [redact_secrets(x) for x in v]
+        out[k] = redact_secrets(v)
     return out
 
 

@@ -10,7 +10,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from utils.errors import fail
+from utils.errors import fail, redact_secrets
 
 from .backend import CaptionBackend
 
@@ -50,7 +50,7 @@ class GPTBackend(CaptionBackend):
 
     def describe(self) -> dict:
         return {"backend": self.name, "model": self.model, "instruction": self.instruction,
-                "settings": {"base_url": self.base_url, "temperature": self.temperature,
+                "settings": {"base_url": redact_secrets(self.base_url), "temperature": self.temperature,
                              "max_tokens": self.max_tokens, "detail": self.detail,
                              "one_per_request": self.one_per_request, "max_retries": self.max_retries,
                              "timeout": self.timeout, "max_concurrency": self.max_concurrency}}
@@ -69,8 +69,12 @@ class GPTBackend(CaptionBackend):
                                     http_client=self.http_client)
 
     def _redact(self, text: str) -> str:
+        """`text` without the API key or credentials of --base_url (before it is printed or written)."""
         key = os.environ.get(KEY_ENV, "").strip()
-        return text.replace(key, "***") if key else text
+        text = text.replace(key, "***") if key else text
+        if self.base_url:  # the URL as given, and as the client normalised it
+            text = text.replace(str(self.base_url), redact_secrets(str(self.base_url)))
+        return redact_secrets(text)
 
     def _ask(self, data_url: str, n: int) -> list:
         resp = self.client.chat.completions.create(
@@ -110,7 +114,8 @@ class GPTBackend(CaptionBackend):
         except (openai.AuthenticationError, openai.PermissionDeniedError, openai.NotFoundError) as e:
             # every other image would fail the same way: stop the run
             self._refused.set()
-            raise fail(f"the API at {self.client.base_url} refused the request for model {self.model!r}: "
+            raise fail(f"the API at {self._redact(str(self.client.base_url))} refused the request for model "
+                       f"{self.model!r}: "
                        f"{self._redact(' '.join(str(e).split()))[:300]}")
         except Exception as e:  # noqa: BLE001 - any other error after retries is this image's failure
             return RuntimeError(self._redact(f"{type(e).__name__}: {e}"))
