@@ -14,6 +14,7 @@ Usage:
 import argparse
 
 from utils.captioning.gpt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, GPTBackend
+from utils.captioning.cache import check_output_folder
 from utils.captioning.runner import add_common_args, run_captioning, script_entry
 from utils.config import parse_args_with_recipe
 
@@ -40,6 +41,7 @@ def parse_args(argv=None):
 
 def main(args, http_client=None):
     """Caption the set; `http_client` (an httpx client) replaces the network, for tests."""
+    check_output_folder(args)  # before the backend loads a model
     backend = GPTBackend(model=args.model, instruction=args.instruction, base_url=args.base_url,
                          max_concurrency=args.max_concurrency, max_retries=args.max_retries, timeout=args.timeout,
                          temperature=args.temperature, max_tokens=args.max_tokens, detail=args.detail,

@@ -11,6 +11,7 @@ import argparse
 
 from utils.captioning.hf_models import DTYPES
 from utils.captioning.llava import DEFAULT_INSTRUCTION, DEFAULT_MODEL, LlavaBackend
+from utils.captioning.cache import check_output_folder
 from utils.captioning.runner import add_common_args, run_captioning, script_entry
 from utils.config import parse_args_with_recipe
 
@@ -32,6 +33,7 @@ def parse_args(argv=None):
 
 def main(args):
     """Caption the set with LLaVA; returns the run summary."""
+    check_output_folder(args)  # before the backend loads a model
     backend = LlavaBackend(model=args.model, instruction=args.instruction, batch_size=args.batch_size,
                            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p,
                            dtype=args.dtype, seed=args.seed)

@@ -13,6 +13,7 @@ import argparse
 
 from dataset.registry import DATASETS
 from utils.captioning.retrieval import DEFAULT_SCORER, RetrievalBackend
+from utils.captioning.cache import check_output_folder
 from utils.captioning.runner import add_common_args, check_common_args, run_captioning, script_entry
 from utils.config import parse_args_with_recipe
 
@@ -33,6 +34,7 @@ def parse_args(argv=None):
 
 def main(args):
     """Caption the set from the real pool; returns the run summary."""
+    check_output_folder(args)  # before the backend loads a model
     check_common_args(args)
     backend = RetrievalBackend(scorer=args.scorer, dataset=args.dataset, ann_root=args.ann_root,
                                image_root=args.image_root, batch_size=args.batch_size)

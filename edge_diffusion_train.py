@@ -151,6 +151,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args):
     """Train (or pre-train the VAE) and return the output folder."""
+    from utils.atomic_io import check_output_dir
+
+    check_output_dir(args.output_dir)  # a file or a read-only folder: one line before any model loads
     if args.train_vae:
         from utils.vae_pretrain import pretrain_vae
 

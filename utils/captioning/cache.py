@@ -8,10 +8,19 @@ import hashlib
 import json
 from pathlib import Path
 
-from utils.atomic_io import append_jsonl, read_jsonl
+from utils.atomic_io import append_jsonl, check_output_dir, read_jsonl
 from utils.errors import fail
 
 CACHE_FILE = "caption_cache/captions.jsonl"
+
+
+def check_output_folder(args) -> None:
+    """Before any model loads: the folder receiving the set and its cache (--output_dir, or the input with
+    --inplace) must be a writable folder; one line otherwise."""
+    if args.output_dir:
+        check_output_dir(args.output_dir, "--output_dir")
+    elif getattr(args, "inplace", False):
+        check_output_dir(args.input_dir, "--input_dir (with --inplace)")
 
 
 def settings_key(settings: dict) -> str:
