@@ -121,6 +121,50 @@ def test_resume_with_five_captions_per_image(assets, tmp_path):
     assert [r["loss"] for r in _log(resumed)] == pytest.approx([r["loss"] for r in _log(full)], rel=1e-5)
 
 
+def _snapshot(folder):
+    """path -> (bytes, mtime) of every file under `folder`."""
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+
+
+@pytest.mark.parametrize("steps,every", [(4, 2), (3, 2)])  # last checkpoint at the final step, and before it
+def test_resume_latest_leaves_a_finished_run_as_it_is(assets, tmp_path, capsys, steps, every):
+    common = ("--train_batch_size", "2", "--max_train_steps", str(steps), "--checkpointing_steps", str(every),
+              "--optimizer", "adamw", "--learning_rate", "1e-2", "--lambda_mse", "1")
+    out = tmp_path / "done"
+    script.main(script.parse_args(_argv(assets, out, *common)))
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert script.main(script.parse_args(_argv(assets, out, *common, "--resume_from_checkpoint", "latest"))) == out
+    said = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert len(said) == 1 and "already finished" in said[0], said
+    assert _snapshot(out) == before
+
+
+def test_resume_past_the_last_step_writes_the_final_model_without_training(assets, tmp_path):
+    # killed after the checkpoint of the last step, before the final model was written
+    common = ("--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
+              "--optimizer", "adamw", "--learning_rate", "1e-2", "--lambda_mse", "1")
+    full = tmp_path / "full"
+    script.main(script.parse_args(_argv(assets, full, *common)))
+    cut = tmp_path / "cut"
+    _interrupted_copy(full, cut, 4)
+    script.main(script.parse_args(_argv(assets, cut, *common, "--resume_from_checkpoint", "latest")))
+    assert _max_diff(full, cut) < 1e-6
+    assert [r["step"] for r in _log(cut)] == [1, 2, 3, 4]
+
+
+def test_folder_of_a_failed_start_is_accepted(assets, tmp_path):
+    # a start that failed after writing run_config.json (and its TensorBoard folder) holds no run
+    out = tmp_path / "failed_start"
+    (out / "logs" / "edge_train").mkdir(parents=True)
+    (out / "run_config.json").write_text(json.dumps({"args": {"seed": 3}}))
+    script.main(script.parse_args(_argv(assets, out, "--train_batch_size", "2", "--max_train_steps", "1")))
+    assert [r["step"] for r in _log(out)] == [1] and (out / "model_index.json").is_file()
+    # ...but a folder with logged steps does hold one
+    with pytest.raises(InputError, match="already holds a run"):
+        script.main(script.parse_args(_argv(assets, out, "--train_batch_size", "2", "--max_train_steps", "1")))
+
+
 def test_bad_inputs(assets, tmp_path):
     with pytest.raises(InputError, match="at least 2 captions"):
         script.main(script.parse_args(_argv(assets, tmp_path / "a", "--train_batch_size", "1")))

@@ -288,6 +288,35 @@ def render_validation(unet, vae, text_encoder, tokenizer, noise_scheduler, promp
 
 # ---------------------------------------------------------------- the loop
 
+FINAL_MODEL_FILES = ("model_index.json", "pytorch_lora_weights.safetensors")
+
+
+def has_final_model(output_dir) -> bool:
+    """The run wrote its final pipeline (DiffFit/full) or LoRA weights."""
+    return any((Path(output_dir) / name).is_file() for name in FINAL_MODEL_FILES)
+
+
+def logged_steps(output_dir, logging_dir: str = "logs") -> int:
+    """The last step recorded in the run's training log (0 without records)."""
+    path = Path(output_dir) / (logging_dir or "logs") / LOG_NAME
+    steps = [r["step"] for r in read_jsonl(path) if "step" in r] if path.is_file() else []
+    return max(steps, default=0)
+
+
+def holds_run(output_dir, logging_dir: str = "logs") -> bool:
+    """A run's work is in the folder: checkpoints, a final model, or logged steps.
+
+    A run_config.json alone (a start that failed before its first step) is not a run.
+    """
+    out = Path(output_dir)
+    return bool(list_checkpoints(out)) or has_final_model(out) or logged_steps(out, logging_dir) > 0
+
+
+def finished_run(output_dir, logging_dir: str, max_train_steps: int) -> bool:
+    """The folder holds a run that logged `max_train_steps` steps (or more) and saved its final model."""
+    return has_final_model(output_dir) and logged_steps(output_dir, logging_dir) >= max_train_steps
+
+
 def check_output_dir(args) -> None:
     """Refuse to mix two runs in one output folder (resume or --overwrite_output_dir are explicit)."""
     out = Path(args.output_dir)
@@ -295,11 +324,11 @@ def check_output_dir(args) -> None:
         return
     if out.is_file():
         raise fail(f"--output_dir {out} is a file")
-    holds_run = (out / "run_config.json").exists() or (out / "model_index.json").exists() or list_checkpoints(out)
-    if holds_run and not args.resume_from_checkpoint and not args.overwrite_output_dir:
+    holds = holds_run(out, getattr(args, "logging_dir", "logs"))
+    if holds and not args.resume_from_checkpoint and not args.overwrite_output_dir:
         raise fail(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
                    f"--overwrite_output_dir to replace it, or choose another folder")
-    if holds_run and args.overwrite_output_dir and not args.resume_from_checkpoint \
+    if holds and args.overwrite_output_dir and not args.resume_from_checkpoint \
             and int(os.environ.get("RANK", "0")) == 0:  # runs before the Accelerator exists
         for p in list_checkpoints(out):
             shutil.rmtree(p, ignore_errors=True)
@@ -446,6 +475,11 @@ def train(args) -> Path:
         accelerator.register_for_checkpointing(ema_unet)
     _register_hooks(accelerator, args.trainable)
 
+    if args.resume_from_checkpoint == "latest" and finished_run(output_dir, args.logging_dir, max_train_steps):
+        accelerator.print(f"{output_dir} already finished its {max_train_steps} steps; nothing to do "
+                          f"(raise --max_train_steps to train on)")
+        accelerator.end_training()
+        return output_dir
     if accelerator.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         save_run_config(args, output_dir)
@@ -464,6 +498,8 @@ def train(args) -> Path:
         skip_batches = (global_step % steps_per_epoch) * args.gradient_accumulation_steps
         if accelerator.is_main_process:
             trim_log(log_path, global_step)
+        if global_step >= max_train_steps:  # the last checkpoint is the end: write the final model, train nothing
+            num_epochs = first_epoch
 
     accelerator.print(f"training {counts['trainable']:,} of {counts['total']:,} UNet parameters ({args.trainable}); "
                       f"{len(dataset)} images, {max_train_steps} steps, batch {args.train_batch_size} x {world} "
