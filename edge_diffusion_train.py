@@ -22,6 +22,7 @@ from utils.cheap_decode import SCORER_DECODE_MODES, check_decode_flags
 from utils.config import parse_args_with_recipe
 from utils.errors import fail, run_cli
 from utils.latent_cache import check_cacheable
+from dataset.torch_datasets import EPOCH_UNITS
 from utils.losses import DIVERSITY_MODES
 from utils.trainable_params import TRAINABLE_SETS
 
@@ -53,6 +54,10 @@ def build_parser() -> argparse.ArgumentParser:
     # optimisation
     a("--train_batch_size", type=int, default=16, help="per process")
     a("--num_train_epochs", type=int, default=10)
+    a("--epoch_unit", choices=EPOCH_UNITS, default="pairs",
+      help="what one epoch passes over: pairs = every (image, caption) pair once (the public EDGE code; 5 per "
+           "image on Flickr30K/COCO, so a batch may hold one image twice), images = every image once with one "
+           "caption drawn per epoch (--train_vae always uses images)")
     a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--gradient_checkpointing", action="store_true",
@@ -88,7 +93,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--t_min", type=int, default=0, help="smallest training timestep")
     a("--t_max", type=int, default=None, help="largest training timestep (default: num_train_timesteps - 1)")
     a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
-      help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points; image")
+      help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points, "
+           "without each image's similarity to its own caption; image")
     a("--gather_features", action="store_true", help="contrastive/diversity over the features of all processes")
     a("--x0_clamp", type=float, default=None, help="clamp the denoised latent estimate to [-c, c]")
     a("--scorer_decode", choices=SCORER_DECODE_MODES, default="full",

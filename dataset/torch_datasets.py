@@ -19,8 +19,15 @@ def to_tensor(image) -> torch.Tensor:
     return torch.from_numpy(array.copy()).permute(2, 0, 1).float().div_(255.0)
 
 
+EPOCH_UNITS = ("pairs", "images")
+
+
 class ImageCaptionTrainDataset(Dataset):
-    """Items {"pixel_values", "caption", "index"}: image i with one of its captions drawn at random.
+    """Items {"pixel_values", "caption", "index"} ("index": the image's index in `groups`).
+
+    unit "images" (default): item i is image i with one of its captions drawn at random.
+    unit "pairs": item k is the k-th (image, caption) pair, every caption of every image once per
+    pass (the public EDGE code's epoch: 5 items per image on Flickr30K and COCO).
 
     The draw depends only on (seed, epoch, i), so it is reproducible, independent of worker and
     process count, and changes from epoch to epoch through `use_epoch`. (Not named `set_epoch`: accelerate's
@@ -28,7 +35,9 @@ class ImageCaptionTrainDataset(Dataset):
     restarts at 0 after a resume, so resumed epochs would draw the captions of epoch 0, 1, ...)
     """
 
-    def __init__(self, groups, image_root, transform=None, seed: int = 0):
+    def __init__(self, groups, image_root, transform=None, seed: int = 0, unit: str = "images"):
+        if unit not in EPOCH_UNITS:
+            raise fail(f"--epoch_unit must be one of {', '.join(EPOCH_UNITS)}, got '{unit}'")
         if not groups:
             raise fail(f"training set under {image_root} has no images")
         for g in groups:
@@ -39,16 +48,23 @@ class ImageCaptionTrainDataset(Dataset):
         self.transform = transform or to_tensor
         self.seed = int(seed)
         self.epoch = 0
+        self.unit = unit
+        self.pairs = ([(i, j) for i, g in enumerate(self.groups) for j in range(len(g["captions"]))]
+                      if unit == "pairs" else None)
+
+    def with_unit(self, unit: str) -> "ImageCaptionTrainDataset":
+        """The same images, transform and seed read in another epoch unit."""
+        return ImageCaptionTrainDataset(self.groups, self.image_root, self.transform, self.seed, unit)
 
     @classmethod
-    def from_train_entries(cls, entries, image_root, transform=None, seed: int = 0):
+    def from_train_entries(cls, entries, image_root, transform=None, seed: int = 0, unit: str = "images"):
         """Build from Karpathy train entries (one per caption)."""
-        return cls(group_by_image(entries), image_root, transform, seed)
+        return cls(group_by_image(entries), image_root, transform, seed, unit)
 
     @classmethod
-    def from_distilled(cls, distilled_set, transform=None, seed: int = 0):
+    def from_distilled(cls, distilled_set, transform=None, seed: int = 0, unit: str = "images"):
         """Build from a `dataset.distilled.DistilledSet`."""
-        return cls(distilled_set.groups, distilled_set.folder, transform, seed)
+        return cls(distilled_set.groups, distilled_set.folder, transform, seed, unit)
 
     def use_epoch(self, epoch: int) -> None:
         """Choose which caption each image gets this epoch."""
@@ -59,14 +75,24 @@ class ImageCaptionTrainDataset(Dataset):
         n = len(self.groups[i]["captions"])
         return random.Random(derive_seed(derive_seed(self.seed, self.epoch), i)).randrange(n) if n > 1 else 0
 
-    def __len__(self) -> int:
+    def item_ref(self, k: int) -> tuple:
+        """(image index, caption index) of item k in the current epoch."""
+        if self.pairs is not None:
+            return self.pairs[k]
+        return k, self.caption_index(k)
+
+    @property
+    def num_images(self) -> int:
         return len(self.groups)
 
-    def __getitem__(self, i: int) -> dict:
+    def __len__(self) -> int:
+        return len(self.pairs) if self.pairs is not None else len(self.groups)
+
+    def __getitem__(self, k: int) -> dict:
+        i, j = self.item_ref(k)
         group = self.groups[i]
         image = load_image(self.image_root / group["image"])
-        return {"pixel_values": self.transform(image), "caption": group["captions"][self.caption_index(i)],
-                "index": i}
+        return {"pixel_values": self.transform(image), "caption": group["captions"][j], "index": i}
 
 
 class RetrievalEvalDataset(Dataset):

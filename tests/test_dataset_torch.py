@@ -102,3 +102,18 @@ def test_no_set_epoch_for_accelerate_to_override(root):
     expected = [ds.caption_index(i) for i in range(4)]
     list(loader)
     assert ds.epoch == 3 and [ds.caption_index(i) for i in range(4)] == expected
+
+
+def test_pairs_unit_passes_every_caption_once(root):
+    from utils.latent_cache import CaptionOnlyDataset
+
+    images = ImageCaptionTrainDataset(_groups(), root, seed=7)
+    pairs = images.with_unit("pairs")
+    n_captions = sum(len(g["captions"]) for g in _groups())
+    assert len(images) == 4 and len(pairs) == n_captions > 4
+    seen = [(pairs[k]["index"], pairs[k]["caption"]) for k in range(len(pairs))]
+    assert sorted(seen) == sorted((i, c) for i, g in enumerate(_groups()) for c in g["captions"])
+    wrapped = CaptionOnlyDataset(pairs)
+    assert len(wrapped) == n_captions and [wrapped[k]["caption"] for k in range(len(wrapped))] == [c for _, c in seen]
+    with pytest.raises(InputError, match="--epoch_unit"):
+        ImageCaptionTrainDataset(_groups(), root, unit="captions")

@@ -110,7 +110,7 @@ def test_resume_with_five_captions_per_image(assets, tmp_path):
     # Each epoch draws other captions, so a resume that redraws epoch-0 captions ends elsewhere.
     common = ("--ann_root", assets["data5"], "--train_batch_size", "2", "--max_train_steps", "10",
               "--checkpointing_steps", "3", "--trainable", "difffit", "--optimizer", "adamw", "--learning_rate", "1e-2",
-              "--lambda_mse", "1")
+              "--lambda_mse", "1", "--epoch_unit", "images")
     full = tmp_path / "full"
     script.main(script.parse_args(_argv(assets, full, *common)))
     resumed = tmp_path / "resumed"
@@ -119,6 +119,35 @@ def test_resume_with_five_captions_per_image(assets, tmp_path):
     assert _max_diff(full, resumed) < 1e-6
     assert _max_diff(full, full / "checkpoint-6") > 1e-3
     assert [r["loss"] for r in _log(resumed)] == pytest.approx([r["loss"] for r in _log(full)], rel=1e-5)
+
+
+@pytest.mark.parametrize("unit,steps", [("pairs", 10), ("images", 2)])
+def test_epoch_unit_sets_the_step_count(assets, tmp_path, unit, steps):
+    # 8 images x 5 captions, batch 4, one epoch: 40 pairs -> 10 steps, 8 images -> 2 steps
+    from utils.training import total_train_steps
+
+    out = tmp_path / unit
+    script.main(script.parse_args(_argv(assets, out, "--ann_root", assets["data5"], "--train_batch_size", "4",
+                                        "--num_train_epochs", "1", "--checkpointing_steps", "0",
+                                        "--epoch_unit", unit)))
+    log = _log(out)
+    assert [r["step"] for r in log] == list(range(1, steps + 1))
+    assert total_train_steps(40 if unit == "pairs" else 8, 4, 1) == steps
+    if unit == "pairs":
+        assert json.loads((out / "run_config.json").read_text())["args"]["epoch_unit"] == "pairs"
+
+
+def test_total_train_steps_of_the_paper_recipes():
+    from utils.training import total_train_steps
+
+    # the numbers stated in configs/train_{flickr30k,coco,cc3m}.yaml: 10 epochs, batch 128, full batches only
+    assert total_train_steps(145_000, 128, 10) == 11_320  # Flickr30K pairs (29,000 images x 5)
+    assert total_train_steps(29_000, 128, 10) == 2_260  # Flickr30K images
+    assert total_train_steps(566_747, 128, 10) == 44_270  # COCO pairs (113,287 images)
+    assert total_train_steps(113_287, 128, 10) == 8_850  # COCO images
+    assert total_train_steps(3_318_333, 128, 10) == 259_240  # CC3M, one caption per image
+    assert total_train_steps(145_000, 64, 10, num_processes=2) == 11_330  # 2 GPUs x 64: the same pairs per step
+    assert total_train_steps(10, 4, 1, drop_last=False) == 3
 
 
 def _snapshot(folder):

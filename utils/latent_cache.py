@@ -114,9 +114,9 @@ class CaptionOnlyDataset(Dataset):
     def __len__(self) -> int:
         return len(self.base)
 
-    def __getitem__(self, i: int) -> dict:
-        group = self.base.groups[i]
-        return {"caption": group["captions"][self.base.caption_index(i)], "index": i}
+    def __getitem__(self, k: int) -> dict:
+        i, j = self.base.item_ref(k)
+        return {"caption": self.base.groups[i]["captions"][j], "index": i}
 
 
 def collate_captions(items) -> dict:

@@ -70,15 +70,19 @@ def build_train_transform(resolution: int, center_crop: bool = True, random_flip
     ])
 
 
-def build_train_dataset(args, transform):
-    """The training set named by --dataset/--ann_root/--image_root, or a distilled set in --train_data_dir."""
+def build_train_dataset(args, transform, unit: str = None):
+    """The training set named by --dataset/--ann_root/--image_root, or a distilled set in --train_data_dir.
+
+    unit: what one epoch passes over, "pairs" or "images" (default: --epoch_unit).
+    """
+    unit = unit or getattr(args, "epoch_unit", "pairs")
     from dataset.torch_datasets import ImageCaptionTrainDataset
 
     if args.train_data_dir:
         from dataset.distilled import read_distilled_set
 
         return ImageCaptionTrainDataset.from_distilled(read_distilled_set(args.train_data_dir), transform,
-                                                       seed=args.seed)
+                                                       seed=args.seed, unit=unit)
     from dataset.karpathy import group_by_image
     from dataset.registry import load_split, resolve_split
 
@@ -87,7 +91,22 @@ def build_train_dataset(args, transform):
     groups = group_by_image(entries)
     if args.max_train_samples:
         groups = groups[: args.max_train_samples]
-    return ImageCaptionTrainDataset(groups, image_root, transform, seed=args.seed)
+    return ImageCaptionTrainDataset(groups, image_root, transform, seed=args.seed, unit=unit)
+
+
+def dataset_unit(dataset) -> str:
+    """What one item of the training dataset (or its caption-only wrapper) is: "pairs" or "images"."""
+    return getattr(getattr(dataset, "base", dataset), "unit", "images")
+
+
+def total_train_steps(n_items: int, batch_size: int, num_epochs: int, num_processes: int = 1,
+                      accumulation: int = 1, drop_last: bool = True) -> int:
+    """Optimizer steps of `num_epochs` passes over `n_items` (pairs or images), as `train` counts them.
+
+    drop_last: the contrastive term drops each epoch's incomplete batch (it needs full batches).
+    """
+    batches = n_items // batch_size if drop_last else math.ceil(n_items / batch_size)
+    return num_epochs * math.ceil(math.ceil(batches / num_processes) / accumulation)
 
 
 def collate(items) -> dict:
@@ -448,14 +467,14 @@ def train(args) -> Path:
         from .latent_cache import CaptionOnlyDataset, build_latent_cache, check_cacheable
 
         check_cacheable(args.center_crop)
-        accelerator.print(f"caching the VAE latents of {len(dataset)} images"
+        accelerator.print(f"caching the VAE latents of {dataset.num_images} images"
                           + (" and of their mirrors (--random_flip)" if args.random_flip else ""))
-        latent_cache = build_latent_cache(vae, dataset, args.train_batch_size, args.random_flip, args.seed,
+        latent_cache = build_latent_cache(vae, dataset.with_unit("images"), args.train_batch_size, args.random_flip, args.seed,
                                           progress=accelerator.is_local_main_process)
         dataset = CaptionOnlyDataset(dataset)
     drop_last = cfg.lambda_contrastive > 0
     if drop_last and len(dataset) < args.train_batch_size * world:
-        raise fail(f"the training set has {len(dataset)} images, fewer than one batch of "
+        raise fail(f"the training set has {len(dataset)} {dataset_unit(dataset)}, fewer than one batch of "
                    f"{args.train_batch_size} x {world} processes")
     sampler = EpochShuffleSampler(len(dataset), args.seed)
     from .latent_cache import collate_captions
@@ -502,7 +521,7 @@ def train(args) -> Path:
             num_epochs = first_epoch
 
     accelerator.print(f"training {counts['trainable']:,} of {counts['total']:,} UNet parameters ({args.trainable}); "
-                      f"{len(dataset)} images, {max_train_steps} steps, batch {args.train_batch_size} x {world} "
+                      f"{len(dataset)} {dataset_unit(dataset)} per epoch, {max_train_steps} steps, batch {args.train_batch_size} x {world} "
                       f"processes x {args.gradient_accumulation_steps} accumulation")
     bar = tqdm(range(max_train_steps), initial=global_step, desc="steps", disable=not accelerator.is_local_main_process)
     unwrapped = accelerator.unwrap_model(unet)

@@ -61,7 +61,8 @@ def pretrain_vae(args) -> Path:
     vae = comps.vae
     vae.requires_grad_(True)
     vae.train()
-    dataset = build_train_dataset(args, build_train_transform(args.resolution, args.center_crop, args.random_flip))
+    dataset = build_train_dataset(args, build_train_transform(args.resolution, args.center_crop, args.random_flip),
+                                  unit="images")  # captions play no part: an epoch is one pass over the images
     sampler = EpochShuffleSampler(len(dataset), args.seed)
     loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler, collate_fn=collate,
                         num_workers=args.dataloader_num_workers, drop_last=False)
