@@ -1,8 +1,12 @@
 """Stage 4: train the protocol's retrieval model on a distilled (or baseline) set, report recalls on a real test split.
 
-The protocol (MTT-VL / LoRS): a trainable image encoder (NFNet-L0), a frozen text encoder
-(bert-base-uncased CLS) with a trained projection head, temperature 0.07, symmetric InfoNCE, SGD
-(lr 0.1, momentum 0.9, weight decay 5e-4, x0.1 at mid-training), 100 epochs, evaluation every 5.
+The model (MTT-VL / LoRS / EDGE): a trainable image encoder (NFNet-L0), a frozen text encoder
+(bert-base-uncased CLS) with a trained projection head, temperature 0.07, symmetric InfoNCE, images
+normalised with CLIP's mean/std. `--protocol lors` (default): SGD lr 0.1, momentum 0.9, weight decay 5e-4,
+x0.1 at mid-training, batch 128, one random caption per image per epoch, no augmentation.
+`--protocol edge` (the public EDGE evaluator, for comparison with the EDGE paper's tables): one pair per
+caption, RandomResizedCrop + flip + RandAugment on training images, SGD lr 0.1 without momentum or weight
+decay, constant lr, batch 32, 224 px. 100 epochs, evaluation every 5 (see evaluation/protocol.py).
 Recalls follow BLIP's itm_eval. The reported epoch is the last one by default; `--selection best_val`
 picks it on the val split and `--selection best_test` applies LoRS's optimistic rule (best on test).
 
@@ -37,6 +41,9 @@ from utils.config import args_to_dict, parse_args_with_recipe, run_info, save_ru
 from utils.errors import fail, run_cli  # noqa: E402
 from utils.seeding import set_cpu_threads  # noqa: E402
 
+from evaluation.protocol import PROTOCOLS, apply_protocol_defaults, protocol_preprocess, protocol_settings  # noqa: E402
+from evaluation.protocol import help_text as protocol_help  # noqa: E402
+
 DATASETS = ("flickr30k", "coco", "procedural", "karpathy", "cc3m")
 
 
@@ -67,17 +74,24 @@ def parse_args(argv=None):
                    help="input size; default: the encoder's (procedural: the images' own size; LoRS: the set's)")
     g.add_argument("--temperature", type=float, default=0.07)
     g.add_argument("--dropout", type=float, default=0.1)
-    g = p.add_argument_group("training")
-    g.add_argument("--epochs", type=int, default=100)
-    g.add_argument("--eval_every", type=int, default=5)
-    g.add_argument("--batch_size_train", type=int, default=128)
-    g.add_argument("--batch_size_test", type=int, default=128)
-    g.add_argument("--lr_img", type=float, default=0.1)
-    g.add_argument("--lr_txt", type=float, default=0.1)
-    g.add_argument("--momentum", type=float, default=0.9)
-    g.add_argument("--weight_decay", type=float, default=5e-4)
-    g.add_argument("--lr_schedule", choices=("step", "constant"), default="step",
-                   help="step: x0.1 after half the epochs (LoRS)")
+    g = p.add_argument_group("training (defaults: the --protocol's)")
+    g.add_argument("--protocol", choices=PROTOCOLS, default="lors",
+                   help="which evaluator to reproduce; it sets the defaults of the flags below. "
+                        + " || ".join(protocol_help(name) for name in PROTOCOLS)
+                        + " || Public code: ichbill/EDGE bb18c46, silicx/LoRS_Distill 0ad0743.")
+    g.add_argument("--no_aug", action="store_true",
+                   help="edge protocol: no training augmentation (the public evaluator's --no_aug, "
+                        "EDGE dataset/__init__.py L91-92)")
+    g.add_argument("--epochs", type=int, default=None, help="lors 100, edge 100")
+    g.add_argument("--eval_every", type=int, default=None, help="lors 5, edge 5")
+    g.add_argument("--batch_size_train", type=int, default=None, help="lors 128, edge 32")
+    g.add_argument("--batch_size_test", type=int, default=None, help="lors 128, edge 32")
+    g.add_argument("--lr_img", type=float, default=None, help="lors 0.1, edge 0.1")
+    g.add_argument("--lr_txt", type=float, default=None, help="lors 0.1, edge 0.1")
+    g.add_argument("--momentum", type=float, default=None, help="lors 0.9, edge 0")
+    g.add_argument("--weight_decay", type=float, default=None, help="lors 5e-4, edge 0")
+    g.add_argument("--lr_schedule", choices=("step", "constant"), default=None,
+                   help="step: x0.1 after half the epochs (lors; edge's --decay); constant (edge)")
     g.add_argument("--seed", type=int, default=0, help="first training seed; also draws the random baseline")
     g.add_argument("--seeds", type=int, default=1, help="number of trainings (seeds seed..seed+N-1)")
     g.add_argument("--selection", choices=("last", "best_val", "best_test"), default="last",
@@ -98,7 +112,10 @@ def parse_args(argv=None):
                    help="disk cache of frozen text features (default: $EDGE_CACHE_DIR or ~/.cache/edge/text_features)")
     g.add_argument("--no_feature_cache", action="store_true", help="do not read or write the disk cache")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    args = parse_args_with_recipe(p, argv)
+    from utils.config import add_paper_flags  # the public EDGE code's flag names (README)
+
+    args = parse_args_with_recipe(add_paper_flags(p, "evaluation"), argv)
+    apply_protocol_defaults(args)
     _validate_args(args)
     return args
 
@@ -122,6 +139,8 @@ def _validate_args(args) -> None:
         raise fail("--batch_size_train must be at least 2 (contrastive negatives)")
     if args.image_size is not None and args.image_size < 8:
         raise fail("--image_size must be at least 8")
+    if args.no_aug and args.protocol != "edge":
+        raise fail("--no_aug only applies to --protocol edge (the lors protocol has no augmentation)")
 
 
 # ----------------------------------------------------------------------------- data
@@ -148,8 +167,9 @@ def source_name(args) -> str:
 
 
 def default_run_name(args) -> str:
-    """<dataset> <source> [<image encoder>+<text encoder>]."""
-    return f"{args.dataset} {source_name(args)} [{args.image_encoder}+{args.text_encoder}]"
+    """<dataset> <source> [<image encoder>+<text encoder>] (+ " edge protocol" when not the default)."""
+    name = f"{args.dataset} {source_name(args)} [{args.image_encoder}+{args.text_encoder}]"
+    return name + (f" {args.protocol} protocol" if args.protocol != "lors" else "")
 
 
 def _slug(text: str) -> str:
@@ -221,13 +241,16 @@ def build_train_set(args, size, text_encoder, cache_dir):
         if lors.text_embed.shape[1] != text_encoder.dim:
             raise fail(f"{args.lors_pt}: text embeddings have dim {lors.text_embed.shape[1]} but text encoder "
                        f"{args.text_encoder!r} gives {text_encoder.dim}; pass the encoder the set was made with")
+        from evaluation.protocol import lors_pixels
+
         images = lors.images
         if images.shape[1] == 1:
             images = images.repeat(1, 3, 1, 1)
+        images = lors_pixels(images)  # saved CLIP-normalised; the run normalises train and test alike
         if images.shape[-1] != size or images.shape[-2] != size:
             images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
         train = TrainSet(images=images.contiguous(), caption_ids=[[i] for i in range(len(lors))],
-                         text_features=lors.text_embed, normalized=True, name=str(args.lors_pt))
+                         text_features=lors.text_embed, name=str(args.lors_pt))
         return train, {"n_images": len(lors), "n_captions": len(lors), "source": str(args.lors_pt)}
     groups, image_root = _train_groups(args)
     captions, caption_ids = [], []
@@ -254,7 +277,8 @@ def main(args):
 
     from evaluation.report import aggregate, append_table_row, plot_r_mean, table_row, write_results_json
     from evaluation.retrieval_model import build_retrieval_model, save_retrieval_model
-    from evaluation.train_retrieval import SELECTION_LABELS, TrainConfig, select_entry, train_retrieval
+    from evaluation.train_retrieval import (SELECTION_LABELS, TrainConfig, num_training_items, select_entry,
+                                            train_retrieval)
 
     start = time.time()
     set_cpu_threads(args.num_threads)
@@ -279,9 +303,13 @@ def main(args):
     use_val = args.selection == "best_val" or args.eval_val
     if use_val:
         resolve_split(args.dataset, "val", args.ann_root, args.image_root)
+    settings = protocol_settings(args.protocol)
     _, preprocess, _ = _probe_image_encoder(args)
+    preprocess = protocol_preprocess(settings, args.image_encoder, preprocess)
     if args.image_size:
         size = args.image_size
+    elif settings.image_size:
+        size = settings.image_size
     elif args.lors_pt:
         from dataset.lors import read_lors_pt
 
@@ -301,7 +329,13 @@ def main(args):
     cfg = TrainConfig(epochs=args.epochs, eval_every=args.eval_every, batch_size_train=args.batch_size_train,
                       batch_size_test=args.batch_size_test, lr_img=args.lr_img, lr_txt=args.lr_txt,
                       momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
-                      eval_val=use_val)
+                      eval_val=use_val, pairs=settings.pairs,
+                      augment="none" if args.no_aug else settings.augment, drop_last=settings.drop_last)
+    n_items = num_training_items(train, cfg)
+    if cfg.drop_last and n_items < cfg.batch_size_train:
+        raise fail(f"--protocol {args.protocol} drops the last partial batch, and the {n_items} training pairs of "
+                   f"{source_name(args)} are fewer than --batch_size_train {cfg.batch_size_train}: no step would "
+                   f"run; lower --batch_size_train")
     if args.lors_learned_lr:
         cfg.lr_img, cfg.lr_txt = _lors_learned_lrs(args.lors_pt)
 
@@ -339,6 +373,9 @@ def main(args):
         "run_name": run_name,
         "config": args_to_dict(args),
         **run_info(),
+        "protocol": {"name": args.protocol, "pairs": cfg.pairs, "augment": cfg.augment, "drop_last": cfg.drop_last,
+                     "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
+                     "batch_size_train": cfg.batch_size_train, "sources": settings.sources},
         "image_size": size,
         "preprocess": preprocess,
         "train_set": train_info,

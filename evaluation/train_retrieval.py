@@ -1,8 +1,11 @@
 """Training and evaluating the protocol's retrieval model on in-memory image tensors and cached text features.
 
-Images are decoded and resized once into a uint8 tensor (LoRS sets arrive as normalized float tensors);
-the frozen text encoder runs once per caption list, its output cached in memory and on disk. Each epoch
-every training image is seen once with one of its captions drawn at random (seeded by run seed and epoch).
+Images are decoded and resized once into a uint8 tensor (LoRS sets arrive as float pixels, de-normalised);
+the frozen text encoder runs once per caption list, its output cached in memory and on disk. Training and
+test images reach the encoder through the same `encoder_input` (one normalisation per run). What an epoch
+is depends on the protocol (evaluation/protocol.py): "lors", every training image once with one of its
+captions drawn at random; "edge", every (image, caption) pair once, full batches only, the images
+augmented. Both are seeded by run seed and epoch.
 """
 import hashlib
 from contextlib import nullcontext
@@ -22,6 +25,7 @@ from utils.errors import fail
 from utils.seeding import derive_seed, seed_everything
 
 from .metrics import itm_recalls
+from .protocol import edge_train_augment
 from .retrieval_model import RetrievalModel, normalize_pixels
 
 SELECTION_RULES = ("last", "best_val", "best_test")
@@ -39,13 +43,12 @@ SELECTION_LABELS = {
 class TrainSet:
     """Training images with caption ids into a text-feature table.
 
-    images: uint8 [N,3,S,S] pixels, or float [N,3,S,S] already in the encoder's input space
-    (`normalized=True`, LoRS sets). caption_ids[i]: rows of `text_features` that caption image i.
+    images: uint8 [N,3,S,S] pixels, or float [N,3,S,S] pixels on the [0, 1] scale (LoRS sets, de-normalised;
+    not clipped). caption_ids[i]: rows of `text_features` that caption image i.
     """
     images: torch.Tensor
     caption_ids: list
     text_features: torch.Tensor
-    normalized: bool = False
     name: str = "train"
 
     def __post_init__(self):
@@ -66,6 +69,13 @@ class EvalSplit:
     text_features: torch.Tensor
     img2txt: list
     txt2img: list = field(default_factory=list)
+
+
+def encoder_input(pixels: torch.Tensor, preprocess: dict) -> torch.Tensor:
+    """uint8 pixels (or float pixels on the [0, 1] scale) -> the encoder's input: the one normalisation a run
+    applies to training and test images alike."""
+    pixels = pixels.float().div_(255.0) if pixels.dtype == torch.uint8 else pixels.float()
+    return normalize_pixels(pixels, preprocess)
 
 
 def resize_to_uint8(image: Image.Image, size: int) -> torch.Tensor:
@@ -140,9 +150,9 @@ def evaluate_split(model: RetrievalModel, split: EvalSplit, preprocess: dict, ba
     model.eval()
     img_feats = []
     for start in range(0, split.images.shape[0], batch_size):
-        pixels = split.images[start:start + batch_size].to(device).float().div_(255.0)
+        pixels = encoder_input(split.images[start:start + batch_size].to(device), preprocess)
         with autocast() if autocast else nullcontext():
-            img_feats.append(model.image_features(normalize_pixels(pixels, preprocess)).float())
+            img_feats.append(model.image_features(pixels).float())
     txt_feats = []
     for start in range(0, split.text_features.shape[0], 4096):
         with autocast() if autocast else nullcontext():
@@ -167,6 +177,44 @@ class TrainConfig:
     weight_decay: float = 5e-4
     lr_schedule: str = "step"  # "step": x0.1 after epochs//2 (LoRS MultiStepLR), "constant"
     eval_val: bool = False
+    pairs: str = "one_caption_per_image"  # or "every_caption" (edge protocol)
+    augment: str = "none"  # or "randaugment" (edge protocol, training images only)
+    drop_last: bool = False  # drop the last partial batch (edge protocol)
+
+
+def epoch_batches(train: TrainSet, cfg: TrainConfig, seed: int, epoch: int) -> list:
+    """The epoch's batches as (image indices, text-feature rows) tensor pairs, seeded by (seed, epoch).
+
+    one_caption_per_image: every image once, with one of its captions drawn at random.
+    every_caption: every (image, caption) pair once, shuffled. A batch of fewer than 2 items is skipped
+    (a contrastive batch needs negatives); with `drop_last` every partial batch is.
+    """
+    gen = torch.Generator().manual_seed(derive_seed(seed, epoch))
+    n = train.images.shape[0]
+    if cfg.pairs == "one_caption_per_image":
+        order = torch.randperm(n, generator=gen)
+        pick = (torch.rand(n, generator=gen) * torch.tensor([len(c) for c in train.caption_ids])).long()
+        images = order
+        texts = torch.tensor([train.caption_ids[i][pick[i]] for i in order.tolist()], dtype=torch.long)
+    elif cfg.pairs == "every_caption":
+        pair_images = torch.tensor([i for i, ids in enumerate(train.caption_ids) for _ in ids], dtype=torch.long)
+        pair_texts = torch.tensor([t for ids in train.caption_ids for t in ids], dtype=torch.long)
+        order = torch.randperm(pair_images.numel(), generator=gen)
+        images, texts = pair_images[order], pair_texts[order]
+    else:
+        raise fail(f"unknown pairing {cfg.pairs!r}; use one_caption_per_image or every_caption")
+    batches = []
+    for start in range(0, images.numel(), cfg.batch_size_train):
+        idx = images[start:start + cfg.batch_size_train]
+        if idx.numel() < 2 or (cfg.drop_last and idx.numel() < cfg.batch_size_train):
+            continue
+        batches.append((idx, texts[start:start + cfg.batch_size_train]))
+    return batches
+
+
+def num_training_items(train: TrainSet, cfg: TrainConfig) -> int:
+    """Items one epoch draws from: images (one_caption_per_image) or (image, caption) pairs (every_caption)."""
+    return sum(len(c) for c in train.caption_ids) if cfg.pairs == "every_caption" else train.images.shape[0]
 
 
 def eval_epochs(epochs: int, eval_every: int) -> list:
@@ -198,25 +246,19 @@ def train_retrieval(model: RetrievalModel, train: TrainSet, test: EvalSplit, pre
     device = accelerator.device
     unwrapped = accelerator.unwrap_model(model)
     checkpoints = set(eval_epochs(cfg.epochs, cfg.eval_every))
-    n = train.images.shape[0]
-    n_caps = torch.tensor([len(c) for c in train.caption_ids])
-    cap_table = [torch.tensor(c) for c in train.caption_ids]
+    if cfg.augment not in ("none", "randaugment"):
+        raise fail(f"unknown augmentation {cfg.augment!r}; use none or randaugment")
     history = []
     bar = tqdm(range(1, cfg.epochs + 1), desc=f"seed {seed}", disable=not progress, leave=False)
     for epoch in bar:
         model.train()
-        gen = torch.Generator().manual_seed(derive_seed(seed, epoch))
-        order = torch.randperm(n, generator=gen)
-        pick = (torch.rand(n, generator=gen) * n_caps).long()
+        aug_gen = torch.Generator().manual_seed(derive_seed(derive_seed(seed, epoch), 1))
         total, count = 0.0, 0
-        for start in range(0, n, cfg.batch_size_train):
-            idx = order[start:start + cfg.batch_size_train]
-            if idx.numel() < 2:  # a contrastive batch needs negatives (and BatchNorm more than one sample)
-                continue
-            text_ids = torch.stack([cap_table[i][pick[i]] for i in idx.tolist()])
-            pixels = train.images[idx].to(device)
-            if not train.normalized:
-                pixels = normalize_pixels(pixels.float().div_(255.0), preprocess)
+        for idx, text_ids in epoch_batches(train, cfg, seed, epoch):
+            pixels = train.images[idx]
+            if cfg.augment == "randaugment":
+                pixels = edge_train_augment(pixels, aug_gen)
+            pixels = encoder_input(pixels.to(device), preprocess)
             text = train.text_features[text_ids].to(device)
             with accelerator.autocast():
                 loss = model(pixels, text)

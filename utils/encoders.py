@@ -140,6 +140,14 @@ def _load_hf_text_encoder(name, source, pooling, max_length) -> HFTextEncoder:
 # ----------------------------------------------------------------------------- image encoders
 
 
+def clip_mean_std() -> tuple:
+    """((r, g, b) mean, (r, g, b) std) of OpenAI CLIP's image normalisation, from open_clip's constants (the
+    normalisation LoRS and the public EDGE evaluator use for every image encoder, nfnet_l0 included)."""
+    from open_clip.constants import OPENAI_DATASET_MEAN, OPENAI_DATASET_STD
+
+    return tuple(float(v) for v in OPENAI_DATASET_MEAN), tuple(float(v) for v in OPENAI_DATASET_STD)
+
+
 def build_image_encoder(name: str, pretrained: bool = True):
     """Build the image encoder `name` -> (module producing [B, width] features, preprocess, width).
 
@@ -154,8 +162,9 @@ def build_image_encoder(name: str, pretrained: bool = True):
         visual = model.visual
         size = visual.image_size
         size = int(size[0] if isinstance(size, (tuple, list)) else size)
-        mean = tuple(getattr(visual, "image_mean", None) or (0.48145466, 0.4578275, 0.40821073))
-        std = tuple(getattr(visual, "image_std", None) or (0.26862954, 0.26130258, 0.27577711))
+        clip_mean, clip_std = clip_mean_std()
+        mean = tuple(getattr(visual, "image_mean", None) or clip_mean)
+        std = tuple(getattr(visual, "image_std", None) or clip_std)
         width = int(_open_clip_embed_dim(model))
         return visual, {"size": size, "mean": mean, "std": std}, width
     if name.startswith("local-dir:") or Path(name).is_dir():
