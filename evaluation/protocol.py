@@ -63,8 +63,9 @@ def protocol_settings(name: str) -> ProtocolSettings:
             momentum=0.9, weight_decay=5e-4, lr_schedule="step", image_size=0, pairs="one_caption_per_image",
             augment="none", drop_last=False, normalization="clip",
             sources={
-                "epochs, batch_size_train, lr_img, lr_txt": "LoRS distill_tesla_lors.py argparse: --epoch_eval_train "
-                                                            "100, --batch_train 128, --lr_teacher_img/--lr_teacher_txt 0.1",
+                "epochs, batch_size_train, lr_img, lr_txt": (
+                    "LoRS distill_tesla_lors.py argparse: --epoch_eval_train 100, --batch_train 128, "
+                    "--lr_teacher_img/--lr_teacher_txt 0.1"),
                 "momentum, weight_decay, lr_schedule": "LoRS src/epoch.py evaluate_synset_with_similarity: "
                                                        "SGD(mom=0.9, l2=0.0005), MultiStepLR([Epoch//2+1], 0.1)",
                 "augment, pairs": "LoRS src/epoch.py epoch(): synthetic tensors as saved, one text per image",
