@@ -16,7 +16,7 @@ import argparse
 from utils.captioning.gpt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, GPTBackend
 from utils.captioning.cache import check_output_folder
 from utils.captioning.runner import add_common_args, run_captioning, script_entry
-from utils.config import parse_args_with_recipe
+from utils.config import add_paper_flags, parse_args_with_recipe
 
 
 def parse_args(argv=None):
@@ -36,7 +36,7 @@ def parse_args(argv=None):
     g.add_argument("--detail", type=str, default="low", choices=["low", "high", "auto"], help="Image detail level.")
     g.add_argument("--one_per_request", action="store_true",
                    help="Send K-1 requests with n=1 (for servers that do not support n).")
-    return parse_args_with_recipe(parser, argv)
+    return parse_args_with_recipe(add_paper_flags(parser, "caption_gpt"), argv)
 
 
 def main(args, http_client=None):

@@ -13,7 +13,7 @@ from utils.captioning.hf_models import DTYPES
 from utils.captioning.llava import DEFAULT_INSTRUCTION, DEFAULT_MODEL, LlavaBackend
 from utils.captioning.cache import check_output_folder
 from utils.captioning.runner import add_common_args, run_captioning, script_entry
-from utils.config import parse_args_with_recipe
+from utils.config import add_paper_flags, parse_args_with_recipe
 
 
 def parse_args(argv=None):
@@ -28,7 +28,7 @@ def parse_args(argv=None):
     g.add_argument("--temperature", type=float, default=1.0, help="Sampling temperature (K-1 samples per image).")
     g.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass.")
     g.add_argument("--dtype", type=str, default="auto", choices=DTYPES, help="auto: float16 on GPU, float32 on CPU.")
-    return parse_args_with_recipe(parser, argv)
+    return parse_args_with_recipe(add_paper_flags(parser, "caption_llava"), argv)
 
 
 def main(args):

@@ -20,7 +20,7 @@ Usage:
 import argparse
 import sys
 
-from utils.config import parse_args_with_recipe
+from utils.config import add_paper_flags, parse_args_with_recipe
 from utils.errors import fail, run_cli
 from utils.sampling import DTYPES, IMAGE_FORMATS, SCHEDULERS
 
@@ -60,7 +60,7 @@ def parse_args(argv=None):
     g.add_argument("--no_progress", action="store_true")
     g.add_argument("--convert_from_legacy", type=str, default=None,
                    help="Convert a folder in the public code's layout (images/{i}.png + prompts/{i}.txt) and exit.")
-    args = parse_args_with_recipe(p, argv)
+    args = parse_args_with_recipe(add_paper_flags(p, "sampling"), argv)
 
     if not args.output_dir:
         raise fail("--output_dir is required")

@@ -150,7 +150,9 @@ def validate_args(args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse flags (a --config recipe sets defaults) and validate them."""
-    args = parse_args_with_recipe(build_parser(), argv)
+    from utils.config import add_paper_flags  # the public EDGE code's flag names (README)
+
+    args = parse_args_with_recipe(add_paper_flags(build_parser(), "train"), argv)
     validate_args(args)
     return args
 

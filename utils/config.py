@@ -53,6 +53,7 @@ def parse_args_with_recipe(parser: argparse.ArgumentParser, argv=None) -> argpar
     args = parser.parse_args(argv)
     for hook in getattr(parser, "_edge_post_parse", ()):
         hook(args)
+    _print_paper_notes(parser)
     return args
 
 
@@ -171,3 +172,209 @@ def save_run_config(args, output_dir, name: str = "run_config.json") -> Path:
     path = Path(output_dir) / name
     atomic_write_json(path, {"args": args_to_dict(args), **run_info()})
     return path
+
+
+# ----------------------------------------------------------------------------- the paper code's flag names
+#
+# Users arrive with the commands of the public EDGE README (github.com/ichbill/EDGE). Each entry below
+# maps one of its flags onto ours: `alias` (same meaning: another name of our option), `convert` (same
+# meaning, value translated), `const` (sets our option to a fixed value), `save_tag` (the public output
+# layout sampling_results/<dataset>/<tag>), `ignore` (accepted, one note line: not needed here) or
+# `refuse` (one error line saying what to use instead). README.md "Coming from the paper's code" lists them.
+
+def _set_folder_of(path) -> str:
+    """The distilled-set folder an annotation file belongs to (public --label_file_path -> our --input_dir)."""
+    p = Path(str(path))
+    if p.is_dir() or not p.suffix:
+        return str(p)
+    return str(p.parent.parent if p.parent.name == "annotations" else p.parent)
+
+
+def _checkpoints_path(value) -> str:
+    """Public --sd_model names a folder under checkpoints/; a path or hub id is taken as it is."""
+    p = Path(str(value))
+    if not p.exists() and (Path("checkpoints") / p).is_dir():
+        return str(Path("checkpoints") / p)
+    return str(value)
+
+
+_SAVE_TAG = ("save_tag", None, "sampling_results/<dataset>/<tag> (the public layout), as --output_dir")
+_CAPTION_IN = ("convert", "input_dir", _set_folder_of,
+               "the distilled set whose annotation file this is (our --input_dir)")
+_CAPTION_DATASET = ("paper_dataset", None, "only names sampling_results/<dataset>/<tag> for --save_tag")
+_ANALYSIS_ONLY = "it configures the retrieval model of evaluation; stage 1 scores with --scorer"
+
+PAPER_FLAGS = {
+    "train": {
+        "--lr": ("alias", "learning_rate"),
+        "--contrastive_lambda": ("alias", "lambda_contrastive"),
+        "--diversity_lambda": ("alias", "lambda_diversity"),
+        "--num_epochs": ("alias", "num_train_epochs"),
+        "--checkpoint_path": ("alias", "output_dir"),
+        "--batch_size_train": ("alias", "train_batch_size"),
+        "--image_size": ("alias", "resolution"),
+        "--fraction": ("refuse", "use --max_train_samples N (the first N training images) instead"),
+        "--batch_size_test": ("ignore", "stage 1 has no test pass"),
+        "--image_encoder": ("ignore", _ANALYSIS_ONLY),
+        "--text_encoder": ("ignore", _ANALYSIS_ONLY),
+        "--no_aug": ("ignore", "stage 1 uses no augmentation unless --random_flip/--random_crop"),
+    },
+    "sampling": {
+        "--sd_model": ("convert", "pretrained_model_name_or_path", _checkpoints_path,
+                       "our --pretrained_model_name_or_path (a name under checkpoints/ also works)"),
+        "--label_file_path": ("alias", "ann_root"),
+        "--save_tag": _SAVE_TAG,
+        "--ipc": ("refuse", "one image per prompt here: ask for N*ipc images with --num_queries", "1"),
+        "--prompt_engineering": ("refuse", "put the prefixed prompts ('A picture of a ...') in --prompts_file "
+                                           "instead"),
+    },
+    "caption_gpt": {
+        "--label_file_path": _CAPTION_IN,
+        "--save_tag": _SAVE_TAG,
+        "--dataset": _CAPTION_DATASET,
+        "--load_4bit": ("ignore", "the GPT backend loads no model (the public script ignores it too)"),
+    },
+    "caption_llava": {
+        "--label_file_path": _CAPTION_IN,
+        "--save_tag": _SAVE_TAG,
+        "--dataset": _CAPTION_DATASET,
+        "--load_4bit": ("refuse", "4-bit loading is not offered: use --dtype float16 or bfloat16 instead"),
+    },
+    "caption_llama": {
+        "--ckpt_dir": ("alias", "model"),
+        "--max_batch_size": ("alias", "batch_size"),
+        "--max_gen_len": ("alias", "max_new_tokens"),
+        "--dataset": _CAPTION_DATASET,
+        "--tokenizer_path": ("ignore", "the tokenizer is read from the --model folder (transformers format)"),
+        "--max_seq_len": ("ignore", "prompts are short; generation length is --max_new_tokens"),
+        "--image_size": ("ignore", "the Llama backend reads no images"),
+        "--no_aug": ("ignore", "the Llama backend reads no images"),
+        "--distill_image": ("ignore", "pass the distilled set as --input_dir"),
+        "--distill_ann": ("ignore", "pass the distilled set as --input_dir"),
+        "--image_root": ("refuse", "this script paraphrases the prompts of a distilled set: pass the sampling "
+                                   "output folder as --input_dir instead of the real data set's roots"),
+        "--ann_root": ("refuse", "this script paraphrases the prompts of a distilled set: pass the sampling "
+                                 "output folder as --input_dir instead of the real data set's roots"),
+        "--output_file": ("refuse", "this script writes a distilled-set folder: use --output_dir <folder> "
+                                    "(captions land in <folder>/annotations/train.json) or --inplace"),
+    },
+    "evaluation": {
+        "--distill_ann": ("alias", "distill_dir"),
+        "--lr_teacher_img": ("alias", "lr_img"),
+        "--lr_teacher_txt": ("alias", "lr_txt"),
+        "--train_epochs": ("alias", "epochs"),
+        "--eval_freq": ("alias", "eval_every"),
+        "--mom": ("alias", "momentum"),
+        "--l2": ("alias", "weight_decay"),
+        "--name": ("alias", "run_name"),
+        "--decay": ("const", "lr_schedule", "step"),
+        "--distill_image": ("ignore", "images are read from <--distill_dir>/images as listed in "
+                                      "annotations/train.json (the public script also replaces it by "
+                                      "<distill_ann>/images)"),
+        "--num_experts": ("ignore", "use --seeds N for N trainings"),
+        "--dsa": ("ignore", "no differentiable augmentation here"),
+        "--loss_type": ("ignore", "the loss is InfoNCE"),
+    },
+}
+# Values of the public scripts that our options name differently.
+PAPER_VALUES = {
+    "evaluation": {"dataset": {"flickr": "flickr30k"}, "text_encoder": {"bert": "bert-base-uncased"},
+                   "image_encoder": {"nfnet": "nfnet_l0"}},
+}
+
+
+class _PaperFlag(argparse.Action):
+    """A public-code flag that is not one of our own option strings (see PAPER_FLAGS)."""
+
+    def __init__(self, option_strings, dest, kind=None, target=None, convert=None, message="", allowed=None,
+                 **kw):
+        super().__init__(option_strings, dest, **kw)
+        self.kind, self.target, self.convert, self.message, self.allowed = kind, target, convert, message, allowed
+        self.paper_flag = True  # recipes may not set it (utils.config._recipe_actions)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        flag = option_string or self.option_strings[0]
+        if self.kind == "refuse":
+            if self.allowed is not None and values == self.allowed:
+                return
+            raise fail(f"{flag} (the paper code's flag) has no equivalent here: {self.message}")
+        if self.kind == "ignore":
+            parser._edge_paper_notes[flag] = f"note: {flag} (the paper code's flag) is ignored: {self.message}"
+        elif self.kind == "convert":
+            setattr(namespace, self.target, self.convert(values))
+        elif self.kind == "const":
+            setattr(namespace, self.target, self.convert)
+        else:  # save_tag, paper_dataset: kept for the post-parse hook
+            setattr(namespace, self.dest, values)
+
+
+def _value_alias_type(mapping: dict, inner):
+    def convert(s):
+        s = mapping.get(s, s)
+        return inner(s) if inner else s
+    return convert
+
+
+def add_paper_flags(parser: argparse.ArgumentParser, script: str) -> argparse.ArgumentParser:
+    """Accept the public EDGE code's flag names for `script` (a key of PAPER_FLAGS) on `parser`."""
+    by_dest = {a.dest: a for a in parser._actions}
+    parser._edge_paper_notes = {}
+    group = parser.add_argument_group("the paper code's flag names (see README: Coming from the paper's code)")
+    for flag, spec in PAPER_FLAGS[script].items():
+        kind = spec[0]
+        if flag in parser._option_string_actions:
+            continue  # the script has an option of that name itself: it wins
+        if kind == "alias":  # another option string of the same action: it shows in --help beside ours
+            action = by_dest[spec[1]]
+            action.option_strings.append(flag)
+            parser._option_string_actions[flag] = action
+            continue
+        if kind == "convert":
+            target, convert, text = spec[1], spec[2], spec[3]
+            if by_dest[target].required:  # the alias satisfies it; checked after parsing instead
+                by_dest[target].required = False
+                parser.__dict__.setdefault("_edge_post_parse", []).append(_require(target))
+            group.add_argument(flag, action=_PaperFlag, kind=kind, target=target, convert=convert,
+                               dest=f"paper_{flag.lstrip('-')}", default=argparse.SUPPRESS, help=f"= {text}")
+        elif kind == "const":
+            group.add_argument(flag, action=_PaperFlag, nargs=0, kind=kind, target=spec[1], convert=spec[2],
+                               dest=f"paper_{flag.lstrip('-')}", default=argparse.SUPPRESS,
+                               help=f"= --{spec[1]} {spec[2]}")
+        elif kind in ("save_tag", "paper_dataset"):
+            group.add_argument(flag, action=_PaperFlag, kind=kind, dest=kind, default=argparse.SUPPRESS,
+                               help=spec[2])
+        else:  # ignore / refuse: a switch or a flag with a value, as the public script had it
+            group.add_argument(flag, action=_PaperFlag, nargs="?", kind=kind, message=spec[1],
+                               allowed=spec[2] if len(spec) > 2 else None, dest=f"paper_{flag.lstrip('-')}",
+                               default=argparse.SUPPRESS, help=f"{kind}d: {spec[1]}")
+    for dest, mapping in PAPER_VALUES.get(script, {}).items():
+        action = by_dest[dest]
+        action.type = _value_alias_type(mapping, action.type)
+    parser.__dict__.setdefault("_edge_post_parse", []).append(_finish_paper_flags)
+    return parser
+
+
+def _require(dest):
+    def check(args):
+        if getattr(args, dest, None) is None:
+            raise fail(f"--{dest} is required")
+    return check
+
+
+def _finish_paper_flags(args) -> None:
+    """After the final parse: the public output layout for --save_tag, then drop the helper attributes."""
+    tag = vars(args).pop("save_tag", None)
+    paper_dataset = vars(args).pop("paper_dataset", None)
+    for k in [k for k in vars(args) if k.startswith("paper_")]:
+        delattr(args, k)
+    if tag is not None:
+        if getattr(args, "output_dir", None):
+            raise fail("give --output_dir or --save_tag (the paper code's sampling_results/<dataset>/<tag>), not both")
+        dataset = getattr(args, "dataset", None) or paper_dataset or "coco"  # the public caption scripts' default
+        args.output_dir = str(Path("sampling_results") / str(dataset) / str(tag))
+
+
+def _print_paper_notes(parser) -> None:
+    for line in getattr(parser, "_edge_paper_notes", {}).values():
+        print(line, file=sys.stderr)
+    parser._edge_paper_notes = {}
