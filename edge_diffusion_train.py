@@ -24,6 +24,7 @@ from utils.errors import fail, run_cli
 from utils.latent_cache import check_cacheable
 from dataset.torch_datasets import EPOCH_UNITS
 from utils.losses import DIVERSITY_MODES
+from utils.precision import PRECISIONS
 from utils.trainable_params import TRAINABLE_SETS
 
 DATASETS = ("flickr30k", "coco", "cc3m", "procedural", "karpathy")
@@ -50,7 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--random_flip", action="store_true")
     a("--dataloader_num_workers", type=int, default=0)
     a("--caption_dropout", type=float, default=0.0,
-      help="probability of an empty UNet caption (classifier-free guidance); the scorer still sees the caption")
+      help="probability of an empty UNet caption (classifier-free guidance); such items count in the MSE term only "
+           "and are left out of the contrastive and diversity terms (their sample was not conditioned on the caption)")
     # optimisation
     a("--train_batch_size", type=int, default=16, help="per process")
     a("--num_train_epochs", type=int, default=10)
@@ -77,8 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     a("--lr_scheduler", choices=LR_SCHEDULERS, default="constant")
     a("--lr_warmup_steps", type=int, default=0)
     a("--max_grad_norm", type=float, default=1.0, help="0 disables clipping")
-    a("--mixed_precision", choices=("no", "fp16", "bf16"), default=None,
-      help="default: accelerate's config (no)")
+    a("--mixed_precision", choices=PRECISIONS, default=None,
+      help="default: accelerate's config (no); auto: bf16 on CUDA (fp16 if unsupported) and on CPUs with "
+           "native bf16, else fp32 (emulated bf16 is ~20x slower)")
     a("--use_ema", action="store_true")
     a("--ema_decay", type=float, default=0.9999)
     a("--trainable", choices=TRAINABLE_SETS, default="difffit")

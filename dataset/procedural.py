@@ -71,8 +71,6 @@ POSITIONS = ("left", "right", "top", "bottom", "center")
 _CENTRES = {"left": (0.27, 0.5), "right": (0.73, 0.5), "top": (0.5, 0.27), "bottom": (0.5, 0.73),
             "center": (0.5, 0.5)}
 _RADII = {"small": 0.12, "large": 0.2}
-_OUTER = {"circle": 1.0, "square": 1.15, "triangle": 1.2, "star": 1.25, "cross": 1.15, "diamond": 1.2,
-          "hexagon": 1.05}
 
 
 @dataclass
@@ -89,6 +87,7 @@ class ProceduralSpec:
     n_val: int = 500
     n_test: int = 1000
     supersample: int = 4  # draw at this multiple of the resolution, then box-downsample (anti-aliasing)
+    shape_scale: float = 1.0  # multiplies the small/large radii (bigger shapes stay legible at 32 px)
 
     def __post_init__(self):
         for name in ("shapes", "colours", "backgrounds"):
@@ -120,6 +119,8 @@ class ProceduralSpec:
                 raise fail(f"procedural spec: {name} must be at least 1")
         if self.supersample < 1:
             raise fail("procedural spec: supersample must be at least 1")
+        if not 0.5 <= self.shape_scale <= 1.5:
+            raise fail(f"procedural spec: shape_scale must be in [0.5, 1.5], got {self.shape_scale}")
 
     def split_size(self, split: str) -> int:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
@@ -153,7 +154,7 @@ def sample_scene(spec: ProceduralSpec, rng: random.Random) -> dict:
             pairs.add((shape, colour))
             objects.append({"shape": shape, "colour": colour, "size": rng.choice(SIZES),
                             "position": positions[len(objects)]})
-        placed = [_place(o, rng) for o in objects]
+        placed = [_place(o, rng, spec.shape_scale) for o in objects]
         if _no_overlap(placed):
             break
     for o, (cx, cy, r, angle) in zip(objects, placed):
@@ -161,12 +162,12 @@ def sample_scene(spec: ProceduralSpec, rng: random.Random) -> dict:
     return {"background": background, "objects": objects}
 
 
-def _place(obj, rng):
+def _place(obj, rng, scale=1.0):
     cx, cy = _CENTRES[obj["position"]]
     jitter = 0.03
     cx += rng.uniform(-jitter, jitter)
     cy += rng.uniform(-jitter, jitter)
-    r = _RADII[obj["size"]] * rng.uniform(0.92, 1.08)
+    r = scale * _RADII[obj["size"]] * rng.uniform(0.92, 1.08)
     angle = 0.0 if obj["shape"] == "circle" else rng.uniform(-15.0, 15.0)
     return cx, cy, r, angle
 
@@ -313,26 +314,45 @@ def make_captions(scene: dict, n: int, rng: random.Random) -> list:
     return captions
 
 
-def caption_attributes(caption: str, spec: ProceduralSpec = None) -> dict:
-    """The colours and shape kinds a caption names, in order of first mention.
+# Words that name a size or a coarse position in any template (see _SIZE_WORDS, _POS_PHRASES, _POS_SHORT).
+_SIZE_READING = {"small": "small", "little": "small", "large": "large", "big": "large"}
+_POSITION_READING = {"left": "left", "right": "right", "top": "top", "upper": "top", "bottom": "bottom",
+                     "lower": "bottom", "center": "center", "middle": "center"}
 
-    Returns {"colours": [...], "shapes": [...]}. Words are matched against the spec's
-    colours and shapes (all known ones when `spec` is None), as whole words, plurals included.
+
+def caption_attributes(caption: str, spec: ProceduralSpec = None) -> dict:
+    """The colours, shape kinds, sizes, positions and backgrounds a caption names, in order of first mention.
+
+    Returns {"colours", "shapes", "sizes", "positions", "backgrounds"}, each a list of names. Words are
+    matched against the spec's colours, shapes and backgrounds (all known ones when `spec` is None) as
+    whole words, plurals of shapes included; sizes and positions are read from the templates' synonyms
+    ("big" -> large, "in the middle" -> center).
     """
     colours = spec.colours if spec is not None else tuple(COLOUR_PALETTE)
     shapes = spec.shapes if spec is not None else SHAPE_KINDS
+    backgrounds = spec.backgrounds if spec is not None else tuple(BACKGROUND_PALETTE)
     text = caption.lower()
 
-    def find(names, plural):
-        hits = []
-        for name in names:
-            pattern = r"\b" + re.escape(name) + (r"(?:es|s)?" if plural else "") + r"\b"
+    def find(words, plural=False):
+        """words: {word: name}; names in order of first mention, each once."""
+        hits = {}
+        for word, name in words.items():
+            pattern = r"\b" + re.escape(word) + (r"(?:es|s)?" if plural else "") + r"\b"
             m = re.search(pattern, text)
-            if m:
-                hits.append((m.start(), name))
-        return [name for _, name in sorted(hits)]
+            if m and (name not in hits or m.start() < hits[name]):
+                hits[name] = m.start()
+        return [name for name, _ in sorted(hits.items(), key=lambda kv: kv[1])]
 
-    return {"colours": find(colours, False), "shapes": find(shapes, True)}
+    # "light grey" and "grey gradient" share a word: match the longer names first and blank them out.
+    found_backgrounds = []
+    for name in sorted(backgrounds, key=len, reverse=True):
+        m = re.search(r"\b" + re.escape(name) + r"\b", text)
+        if m:
+            found_backgrounds.append((m.start(), name))
+            text = text[:m.start()] + " " * len(name) + text[m.end():]
+    return {"colours": find({c: c for c in colours}), "shapes": find({s: s for s in shapes}, plural=True),
+            "sizes": find(_SIZE_READING), "positions": find(_POSITION_READING),
+            "backgrounds": [name for _, name in sorted(found_backgrounds)]}
 
 
 # ---------------------------------------------------------------- data set files
@@ -506,6 +526,8 @@ def parse_args(argv=None):
     parser.add_argument("--n_train", type=int, default=d["n_train"].default)
     parser.add_argument("--n_val", type=int, default=d["n_val"].default)
     parser.add_argument("--n_test", type=int, default=d["n_test"].default)
+    parser.add_argument("--shape_scale", type=float, default=d["shape_scale"].default,
+                        help="Multiplies the shapes' radii (small 0.12, large 0.2 of the image side).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing, different set.")
     args = parse_args_with_recipe(parser, argv)
     for name in ("shapes", "colours", "backgrounds"):
@@ -519,7 +541,7 @@ def spec_from_args(args) -> ProceduralSpec:
     return ProceduralSpec(resolution=args.resolution, shapes=args.shapes, colours=args.colours,
                           backgrounds=args.backgrounds, min_shapes=args.min_shapes, max_shapes=args.max_shapes,
                           captions_per_image=args.captions_per_image, n_train=args.n_train, n_val=args.n_val,
-                          n_test=args.n_test)
+                          n_test=args.n_test, shape_scale=args.shape_scale)
 
 
 def main(args) -> Path:

@@ -41,7 +41,10 @@ def parse_args(argv=None):
     p.add_argument("--output_dir", default="assets/demo_sd", help="the shipped fp16 pipeline folder")
     p.add_argument("--vae_config", default="configs/demo_vae.yaml")
     p.add_argument("--pretrain_config", default="configs/demo_model_build.yaml")
-    p.add_argument("--unet_channels", type=int, nargs="+", default=[32, 64])
+    p.add_argument("--unet_channels", type=int, nargs="+", default=[64, 128, 128],
+                   help="UNet block widths; cross-attention in every block but the first")
+    p.add_argument("--vae_channels", type=int, nargs="+", default=[32, 64],
+                   help="VAE block widths; n blocks downsample by 2**(n-1) (two: 32 px images -> 16x16 latents)")
     p.add_argument("--text_encoder_layers", type=int, default=2, help="MiniLM layers kept (of 6)")
     p.add_argument("--keep_vocab_below", type=int, default=1996,
                    help="also keep all WordPiece ids below this (1996: special tokens and characters)")
@@ -142,15 +145,15 @@ def drop_vae_attention(pipeline_dir) -> int:
     return sum(p.numel() for p in small.parameters())
 
 
-def init_model(out_dir, data_dir, unet_channels=(32, 64), text_encoder_layers: int = 2,
-               keep_vocab_below: int = 1996, seed: int = 0) -> Path:
+def init_model(out_dir, data_dir, unet_channels=(64, 128, 128), text_encoder_layers: int = 2,
+               keep_vocab_below: int = 1996, seed: int = 0, vae_channels=(32, 64)) -> Path:
     """Step 1: tiny random-init SD with the shrunk MiniLM and an attention-free VAE, saved to `out_dir`."""
     from utils.sd_models import build_tiny_sd
 
     out_dir = Path(out_dir)
     if out_dir.exists():
         shutil.rmtree(out_dir)
-    build_tiny_sd(out_dir, 32, "minilm", tuple(unet_channels), (32,), prediction_type="v_prediction",
+    build_tiny_sd(out_dir, 32, "minilm", tuple(unet_channels), tuple(vae_channels), prediction_type="v_prediction",
                   zero_snr=True, seed=seed)
     info = shrink_text_encoder(out_dir, data_dir, text_encoder_layers, keep_vocab_below)
     info["vae_params"] = drop_vae_attention(out_dir)
@@ -188,7 +191,7 @@ def main(args) -> Path:
     """Run the build; returns the shipped folder (or the initial model with --init_only)."""
     work = Path(args.work_dir)
     init = init_model(work / "init", args.data, args.unet_channels, args.text_encoder_layers,
-                      args.keep_vocab_below, args.seed)
+                      args.keep_vocab_below, args.seed, args.vae_channels)
     if args.init_only:
         return init
     data = ["--dataset", "procedural", "--ann_root", args.data, "--seed", args.seed, "--overwrite_output_dir"]

@@ -1,17 +1,21 @@
-"""Measure prompt following of distilled sets: does each image show the colour and shape its prompt names?
+"""Measure prompt following per caption attribute: real images, the VAE's round trip, and sampled sets.
 
 An attribute classifier is trained on the real procedural training images (demo/prompt_following.py),
-then reads every image of each set; the prompt of an image is its first caption (the sampling prompt).
-A "real images" row (held-out test images with their first caption) shows the classifier's own ceiling.
+then reads colour, shape, size, position and background of every image; the prompt of an image is its
+first caption (the sampling prompt). Rows: held-out real test images (the classifier's own ceiling),
+the same images encoded and decoded by a model's VAE (the ceiling any latent generator can reach), and
+each sampled set. Each cell is a share with its 95 % Wilson interval.
 
 Usage:
-    python -m demo.measure_prompt_following --data data/procedural32 --set outputs/demo/sets/sd_before_edge \\
-        --set outputs/demo/sets/edge_cpi1 [--real 100] [--json results.json]
+    python -m demo.measure_prompt_following --data data/procedural32 --vae_model assets/demo_sd \
+        --set outputs/demo/sets/sd_before_edge --set outputs/demo/sets/edge_cpi1 [--real 300] [--json r.json]
 """
 import argparse
 import json
 import sys
 from pathlib import Path
+
+import torch
 
 from dataset.images import load_image
 from utils.atomic_io import atomic_write_json
@@ -26,8 +30,10 @@ def parse_args(argv=None):
     p.add_argument("--set", dest="sets", action="append", default=[], help="distilled-set folder (repeatable)")
     p.add_argument("--name", dest="names", action="append", default=None,
                    help="row name per --set (default: the folder name)")
-    p.add_argument("--real", type=int, default=100, help="held-out real images in the reference row (0: none)")
-    p.add_argument("--classifier_epochs", type=int, default=4)
+    p.add_argument("--real", type=int, default=300, help="held-out real images in the reference rows (0: none)")
+    p.add_argument("--vae_model", default=None,
+                   help="SD folder whose VAE round trip (encode -> decode) of the real images is a row")
+    p.add_argument("--classifier_epochs", type=int, default=6)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", default=None, help="also write the table as JSON here")
     args = parse_args_with_recipe(p, argv)
@@ -71,35 +77,55 @@ def set_items(folder) -> tuple:
     return [load_image(Path(folder) / r["image"]) for r in ds.records], [r["captions"][0] for r in ds.records]
 
 
-def measure(data_dir, sets, names=None, real: int = 100, classifier_epochs: int = 4, seed: int = 0) -> list:
-    """Rows {"name", "colour", "shape", "both", "n", "skipped"} (percentages) for the real row and each set."""
+@torch.no_grad()
+def vae_round_trip(vae, images, resolution: int, batch_size: int = 64) -> list:
+    """PIL images encoded to the posterior mean and decoded back by `vae` (the latent generator's ceiling)."""
+    from PIL import Image
+
+    from demo.prompt_following import to_tensor
+
+    out = []
+    for i in range(0, len(images), batch_size):
+        x = to_tensor(images[i:i + batch_size], resolution)
+        y = vae.decode(vae.encode(x).latent_dist.mode()).sample.float().clamp(-1, 1)
+        arrays = ((y + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        out += [Image.fromarray(a, "RGB") for a in arrays]
+    return out
+
+
+def measure(data_dir, sets: dict, real: int = 300, classifier_epochs: int = 6, seed: int = 0,
+            vae_model=None) -> dict:
+    """{row name: prompt_following result} for the real rows and each set of `sets` ({row name: folder})."""
     from demo.prompt_following import prompt_following, train_attribute_classifier
 
     model, spec = train_attribute_classifier(data_dir, epochs=classifier_epochs, seed=seed)
-    rows = []
+    rows = {}
     if real:
         images, prompts = real_test_items(data_dir, real)
-        rows.append({"name": "real test images", **prompt_following(model, spec, images, prompts)})
-    for i, folder in enumerate(sets):
+        rows["real test images"] = prompt_following(model, spec, images, prompts)
+        if vae_model:
+            from utils.sd_models import load_sd_components
+
+            vae = load_sd_components(vae_model).vae.float().eval()
+            rows["real, VAE round trip"] = prompt_following(
+                model, spec, vae_round_trip(vae, images, spec.resolution), prompts)
+    for name, folder in sets.items():
         images, prompts = set_items(folder)
-        rows.append({"name": names[i] if names else Path(folder).name, **prompt_following(model, spec, images, prompts)})
+        rows[name] = prompt_following(model, spec, images, prompts)
     return rows
 
 
-def markdown_table(rows) -> str:
-    """The rows as a Markdown table (percentages with one decimal)."""
-    lines = ["| images | colour % | shape % | both % | n |", "|---|---|---|---|---|"]
-    for r in rows:
-        lines.append(f"| {r['name']} | {r['colour']:.1f} | {r['shape']:.1f} | {r['both']:.1f} | {r['n']} |")
-    return "\n".join(lines)
-
-
-def main(args) -> list:
+def main(args) -> dict:
     """Measure, print the table, optionally write JSON; returns the rows."""
-    rows = measure(args.data, args.sets, args.names, args.real, args.classifier_epochs, args.seed)
+    from demo.prompt_following import markdown_table
+
+    names = args.names or [Path(f).name for f in args.sets]
+    rows = measure(args.data, dict(zip(names, args.sets)), args.real, args.classifier_epochs, args.seed,
+                   args.vae_model)
+    print(f"prompt following (classifier seed {args.seed}, {args.classifier_epochs} epochs; share % [95 % CI]):")
     print(markdown_table(rows))
     if args.json:
-        atomic_write_json(args.json, {"data": str(args.data), "rows": rows})
+        atomic_write_json(args.json, {"data": str(args.data), "seed": args.seed, "rows": rows})
     return rows
 
 

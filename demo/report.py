@@ -59,20 +59,13 @@ def _load_results(folder: Path):
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def _prompt_following(args, info, before, after) -> dict:
-    """Classifier agreement for real test images, samples before and after EDGE (procedural data only)."""
-    from demo.prompt_following import prompt_following, single_object_labels, train_attribute_classifier
+def _prompt_following(args, info) -> dict:
+    """Per-attribute prompt following: real test images, their VAE round trip, samples before/after EDGE."""
+    from demo.measure_prompt_following import measure
 
-    data_dir = info["data_dir"]
-    model, spec = train_attribute_classifier(data_dir, epochs=2 if args.quick else 6, seed=args.seed)
-    paths, colours, shapes = single_object_labels(data_dir, "test")
-    real = prompt_following(model, spec, [load_image(p) for p in paths],
-                            [f"a {c} {s}" for c, s in zip(colours, shapes)])
-    out = {"real test images (single object)": real}
-    for label, ds in (("samples before EDGE", before), ("samples after EDGE", after)):
-        images = [load_image(ds.folder / r["image"]) for r in ds.records]
-        out[label] = prompt_following(model, spec, images, [r["captions"][0] for r in ds.records])
-    return out
+    sets = {"samples before EDGE": info["sets"] / "sd_before_edge", "samples after EDGE": info["sets"] / "edge_cpi1"}
+    return measure(info["data_dir"], sets, real=300, classifier_epochs=2 if args.quick else 6, seed=args.seed,
+                   vae_model=info["base_model"])
 
 
 def reading(results: dict, follow: dict, seeds: int = 3) -> list:
@@ -106,10 +99,15 @@ def reading(results: dict, follow: dict, seeds: int = 3) -> list:
     if follow:
         before = follow.get("samples before EDGE", {})
         after = follow.get("samples after EDGE", {})
-        if before and after and before.get("n") and after.get("n"):
-            lines.append(f"Prompt following (colour and shape both right): {before['both']:.0f} % before and "
-                         f"{after['both']:.0f} % after EDGE fine-tuning, against "
-                         f"{follow['real test images (single object)']['both']:.0f} % for real images.")
+        real = follow.get("real test images", {})
+        if before and after and real:
+            for k in ("shape", "all"):
+                b, a = before[k], after[k]
+                overlap = not (a["lo"] > b["hi"] or b["lo"] > a["hi"])
+                lines.append(f"Prompt following, {k if k != 'all' else 'every named attribute right'}: "
+                             f"{b['share']:.0f} % before and {a['share']:.0f} % after EDGE fine-tuning"
+                             f"{' (95 % intervals overlap: no clear change)' if overlap else ''}, against "
+                             f"{real[k]['share']:.0f} % for real images.")
     return lines
 
 
@@ -144,8 +142,7 @@ def write_report(args, info: dict) -> Path:
             shutil.copyfile(png, dst)
             curves.append((name, dst.name))
 
-    follow = _prompt_following(args, info, before, read_distilled_set(info["sets"] / "edge_cpi1")) \
-        if info["data_dir"] else {}
+    follow = _prompt_following(args, info) if info["data_dir"] else {}
     results = {k: _load_results(out / "eval" / k) for k in ROW_LABELS}
     for k, v in results.items():
         if v and (out / "eval" / k / "r_mean.png").is_file():
@@ -163,13 +160,14 @@ def write_report(args, info: dict) -> Path:
     if curves:
         L += ["## Loss curves", ""] + [f"**{n}**\n\n![{n}](report_assets/{f})\n" for n, f in curves]
     if follow:
+        from demo.prompt_following import markdown_table
+
         L += ["## Prompt following", "",
-              "Share of images whose colour and shape a classifier trained on real images reads as the prompt says "
-              "(prompts naming one colour and one shape; the classifier is independent of the EDGE scorer).", "",
-              "| images | n | colour % | shape % | both % |", "|---|---|---|---|---|"]
-        for k, v in follow.items():
-            L.append(f"| {k} | {v['n']} | {v['colour']:.1f} | {v['shape']:.1f} | {v['both']:.1f} |")
-        L.append("")
+              "Share of images whose attribute a classifier trained on real images reads as the prompt names it, "
+              "with its 95 % Wilson interval; each attribute is scored on the prompts that name it (not every "
+              "caption names the background). The VAE round trip (encode, decode) of real images is the ceiling "
+              "of any sample of this latent generator. The classifier is independent of the EDGE scorer.", "",
+              markdown_table(follow), ""]
     sel = next((v["selection"] for v in results.values() if v and "selection" in v), "last epoch")
     sel = sel.get("label", sel.get("rule")) if isinstance(sel, dict) else sel
     L += ["## Retrieval on the real test split", "",

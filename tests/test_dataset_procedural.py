@@ -3,6 +3,7 @@ import hashlib
 import json
 import re
 
+import numpy as np
 import pytest
 from PIL import Image
 
@@ -106,6 +107,10 @@ def test_captions_name_exactly_the_drawn_colours_and_shapes(small_set):
         for o in objects:
             size_words = {"small": ("small", "little"), "large": ("large", "big")}[o["size"]]
             assert any(re.search(rf"\b{w}\b", caption) for w in size_words), caption
+        # every caption names every object's size and position, and the true background if any
+        assert sorted(parsed["sizes"]) == sorted({o["size"] for o in objects}), caption
+        assert sorted(parsed["positions"]) == sorted({o["position"] for o in objects}), caption
+        assert parsed["backgrounds"] in ([], [attributes[rel]["background"]]), caption
     assert n_multi > 0, "the default spec must produce multi-shape images"
     assert image_attributes(small_set, "images/test/000000.png") == attributes["images/test/000000.png"]
     with pytest.raises(InputError, match="no entry for images/test/999999.png"):
@@ -125,10 +130,34 @@ def test_pixels_match_attributes(small_set):
 
 def test_caption_attributes_parsing():
     parsed = caption_attributes("Two stars: a RED star and one big circle coloured blue on a light grey background")
-    assert parsed == {"colours": ["red", "blue"], "shapes": ["star", "circle"]}
-    assert caption_attributes("nothing here") == {"colours": [], "shapes": []}
+    assert parsed == {"colours": ["red", "blue"], "shapes": ["star", "circle"], "sizes": ["large"],
+                      "positions": [], "backgrounds": ["light grey"]}
+    none = {"colours": [], "shapes": [], "sizes": [], "positions": [], "backgrounds": []}
+    assert caption_attributes("nothing here") == none
     spec = ProceduralSpec(shapes=("circle", "square"), colours=("red", "green"))
-    assert caption_attributes("a blue square", spec) == {"colours": [], "shapes": ["square"]}
+    assert caption_attributes("a blue square", spec) == {**none, "shapes": ["square"]}
+    # synonyms of the templates, and the background names that share a word
+    parsed = caption_attributes("in the upper part, a little red star; grey gradient background")
+    assert (parsed["sizes"], parsed["positions"], parsed["backgrounds"]) == (["small"], ["top"], ["grey gradient"])
+    assert caption_attributes("in the middle of a light grey background")["positions"] == ["center"]
+
+
+def test_shape_scale_draws_bigger_shapes(tmp_path):
+    """shape_scale multiplies the radii: more pixels differ from the background, same captions."""
+    def coloured_pixels(scale):
+        spec = ProceduralSpec(resolution=32, max_shapes=1, n_train=20, n_val=1, n_test=1, shape_scale=scale,
+                              backgrounds=("white",))
+        d = generate_procedural_dataset(tmp_path / str(scale), spec, seed=3)
+        return sum(np.abs(np.asarray(Image.open(p).convert("RGB"), dtype=int)
+                          - np.asarray(Image.open(p).convert("RGB"))[0, 0]).sum(-1).astype(bool).sum()
+                   for p in sorted((d / "images" / "train").glob("*.png"))), \
+            (d / "annotations" / "procedural_train.json").read_text()
+    small, captions_small = coloured_pixels(1.0)
+    big, captions_big = coloured_pixels(1.25)
+    assert big > 1.3 * small
+    assert captions_small == captions_big
+    with pytest.raises(InputError, match="shape_scale"):
+        ProceduralSpec(shape_scale=3.0)
 
 
 def test_spec_validation():

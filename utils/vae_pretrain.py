@@ -11,6 +11,7 @@ import torch
 
 from .atomic_io import append_jsonl, atomic_save_image
 from .errors import fail
+from .precision import resolve_precision
 
 
 def vae_loss(vae, pixels, kl_weight: float, generator=None) -> dict:
@@ -51,7 +52,7 @@ def pretrain_vae(args) -> Path:
                            collate, plot_loss_curves)
 
     check_output_dir(args)
-    accelerator = Accelerator(mixed_precision=args.mixed_precision)
+    accelerator = Accelerator(mixed_precision=resolve_precision(args.mixed_precision))
     if accelerator.num_processes > 1:
         raise fail("--train_vae runs on one process (launch without --multi_gpu)")
     if accelerator.device.type == "cpu":
