@@ -95,3 +95,19 @@ def test_gradients_flow_to_image_features():
     u = torch.randn(4, 6, requires_grad=True)
     (contrastive_loss(u, torch.randn(4, 6)) + diversity_loss(u, torch.randn(4, 6))).backward()
     assert u.grad is not None and u.grad.abs().sum() > 0
+
+
+def test_gathered_losses_leave_out_masked_rows():
+    torch.manual_seed(4)
+    u, v = torch.randn(5, 6), torch.randn(5, 6)
+    keep = torch.tensor([True, False, True, True, False])
+    g = GatheredEDGELosses(0.1, rank=0, world_size=1)(u, v, keep)
+    assert g["contrastive"].item() == pytest.approx(contrastive_loss(u[keep], v[keep], 0.1).item(), rel=1e-6)
+    assert g["diversity"].item() == pytest.approx(diversity_loss(u[keep], v[keep]).item(), rel=1e-6)
+    assert g["all_image"].shape[0] == 3
+    # nothing kept: the terms are 0 (not NaN) and still backpropagate
+    x = torch.randn(2, 6, requires_grad=True)
+    none = GatheredEDGELosses(0.1, rank=0, world_size=1)(x, torch.randn(2, 6), torch.zeros(2, dtype=torch.bool))
+    (none["contrastive"] + none["diversity"]).backward()
+    assert none["contrastive"].item() == 0.0 and x.grad is not None
+    assert [t.item() for t in retrieval_top1(torch.zeros(0, 3), torch.zeros(0, 3))] == [0.0, 0.0]

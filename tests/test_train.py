@@ -150,6 +150,32 @@ def test_total_train_steps_of_the_paper_recipes():
     assert total_train_steps(10, 4, 1, drop_last=False) == 3
 
 
+def test_caption_dropout_leaves_dropped_items_out_of_the_edge_terms(assets, tmp_path, monkeypatch):
+    import utils.sd_models as sd_models
+    import utils.training as training
+
+    real_encode, real_losses, dropped, seen = sd_models.encode_prompts, training.edge_losses, [], []
+
+    def encode(text_encoder, tokenizer, captions, device):
+        dropped.append(sum(c == "" for c in captions))
+        return real_encode(text_encoder, tokenizer, captions, device)
+
+    def losses(*a, **k):
+        out = real_losses(*a, **k)
+        seen.append(float(out["scored_batch"]))
+        return out
+
+    monkeypatch.setattr(sd_models, "encode_prompts", encode)
+    monkeypatch.setattr(training, "edge_losses", losses)
+    out = tmp_path / "dropout"
+    script.main(script.parse_args(_argv(assets, out, "--train_batch_size", "4", "--max_train_steps", "6",
+                                        "--checkpointing_steps", "0", "--caption_dropout", "0.5", "--lambda_mse", "1")))
+    assert 0 < sum(dropped) < 24, dropped  # some items dropped, not all
+    assert seen == [4.0 - d for d in dropped]  # the scorer's terms cover exactly the kept items
+    assert all(r["scored_batch"] == 4 - d for r, d in zip(_log(out), dropped))
+    assert "left out of the contrastive" in script.build_parser().format_help().replace("\n", " ").replace("  ", " ")
+
+
 def _snapshot(folder):
     """path -> (bytes, mtime) of every file under `folder`."""
     return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}

@@ -1,8 +1,9 @@
 """EDGE training losses as pure functions: bi-directional contrastive, diversity, noise-prediction MSE.
 
 Features passed in are L2-normalised here, so callers may pass raw scorer outputs.
-The multi-process variant of the contrastive loss is open_clip's `ClipLoss` (it gathers
-features across processes); on one process it equals `contrastive_loss`.
+The multi-process variant (`GatheredEDGELosses`) gathers features across processes with their
+gradients; on one process it equals `contrastive_loss` / `diversity_loss`. Terms over an empty batch
+(every caption dropped) are 0.
 """
 import torch
 import torch.nn.functional as F
@@ -13,6 +14,8 @@ DIVERSITY_MODES = ("image_text", "image_text_stacked", "image")
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
                      temperature: float = 0.1) -> torch.Tensor:
     """Symmetric InfoNCE: (CE(S/tau, arange) + CE(S.T/tau, arange)) / 2 with S = u @ v.T of normalised features."""
+    if image_features.shape[0] == 0:
+        return image_features.float().sum() * 0 + text_features.float().sum() * 0
     u = F.normalize(image_features.float(), dim=-1)
     v = F.normalize(text_features.float(), dim=-1)
     logits = u @ v.T / temperature
@@ -75,7 +78,10 @@ def noise_mse_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
 
 
 def retrieval_top1(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple:
-    """In-batch top-1 accuracy image->text and text->image (the diagonal is the match)."""
+    """In-batch top-1 accuracy image->text and text->image (the diagonal is the match); 0 for an empty batch."""
+    if image_features.shape[0] == 0:
+        zero = image_features.new_zeros((), dtype=torch.float32)
+        return zero, zero.clone()
     sim = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
     labels = torch.arange(sim.shape[0], device=sim.device)
     i2t = (sim.argmax(dim=1) == labels).float().mean()
@@ -83,38 +89,81 @@ def retrieval_top1(image_features: torch.Tensor, text_features: torch.Tensor) ->
     return i2t, t2i
 
 
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums the gradients of all processes and returns this process's slice.
+
+    Every process computes the same global loss from the gathered features, so each process's features
+    receive the gradient of that loss once from every process: W times d(loss)/d(features). DDP then
+    averages over the W processes, which leaves exactly the gradient of the global loss, on the same
+    scale as a per-process mean term such as the MSE. (all_reduce works on gloo and NCCL alike.)
+    """
+
+    @staticmethod
+    def forward(ctx, x):
+        import torch.distributed as dist
+
+        ctx.rank, ctx.world, ctx.n = dist.get_rank(), dist.get_world_size(), x.shape[0]
+        parts = [torch.empty_like(x) for _ in range(ctx.world)]
+        dist.all_gather(parts, x.contiguous())
+        return torch.cat(parts, dim=0)
+
+    @staticmethod
+    def backward(ctx, grad):
+        import torch.distributed as dist
+
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Rows of all processes (process order), differentiable: see `_GatherWithGrad`."""
+    return _GatherWithGrad.apply(x)
+
+
+def gather_mask(keep: torch.Tensor) -> torch.Tensor:
+    """A per-row boolean mask of all processes (no gradient)."""
+    import torch.distributed as dist
+
+    k = keep.to(torch.uint8).contiguous()
+    parts = [torch.empty_like(k) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, k)
+    return torch.cat(parts).bool()
+
+
 class GatheredEDGELosses:
     """Contrastive + diversity losses over the features of all processes (more negatives).
 
-    The contrastive term is open_clip's ClipLoss at logit scale 1/temperature; local features keep
-    their gradient, the other processes' features enter as constants (open_clip's default), so
-    DDP's gradient averaging recovers the gradient of the global-batch loss.
+    Features are gathered with their gradients (`gather_with_grad`): every process computes the
+    global-batch loss, and after DDP's averaging the parameters get exactly its gradient, on the same
+    scale as the per-process MSE term. (Gathering local rows only, open_clip's default
+    gather_with_grad=False, would leave the EDGE terms' gradient W times too small.) On one process
+    the terms equal `contrastive_loss` and `diversity_loss`.
     """
 
     def __init__(self, temperature: float, rank: int, world_size: int, diversity_mode: str = "image_text"):
-        from open_clip.loss import ClipLoss
-
         self.temperature = temperature
         self.rank, self.world_size = rank, world_size
         self.diversity_mode = diversity_mode
-        self.clip_loss = ClipLoss(local_loss=False, gather_with_grad=False, rank=rank, world_size=world_size)
 
     def gather(self, image_features, text_features):
-        """Global (image, text) normalised features, local rows keeping their gradient."""
+        """Global (image, text) normalised features, every row keeping its gradient path to its process."""
         u = F.normalize(image_features.float(), dim=-1)
         v = F.normalize(text_features.float(), dim=-1)
         if self.world_size == 1:
             return u, v
-        from open_clip.loss import gather_features
+        return gather_with_grad(u), gather_with_grad(v)
 
-        return gather_features(u, v, local_loss=False, gather_with_grad=False, rank=self.rank,
-                               world_size=self.world_size)
+    def __call__(self, image_features, text_features, keep=None) -> dict:
+        """{"contrastive", "diversity", "all_image", "all_text"} over the global batch.
 
-    def __call__(self, image_features, text_features) -> dict:
-        """{"contrastive", "diversity", "all_image", "all_text"} over the global batch."""
-        u = F.normalize(image_features.float(), dim=-1)
-        v = F.normalize(text_features.float(), dim=-1)
-        con = self.clip_loss(u, v, logit_scale=1.0 / self.temperature)
+        keep: boolean mask of the local rows that enter the terms (None: all); the returned features are
+        the kept rows of all processes.
+        """
         all_u, all_v = self.gather(image_features, text_features)
+        if keep is not None:
+            all_keep = keep.bool() if self.world_size == 1 else gather_mask(keep.to(image_features.device))
+            all_u, all_v = all_u[all_keep], all_v[all_keep]
+        con = contrastive_loss(all_u, all_v, self.temperature)
         div = diversity_loss(all_u, all_v, self.diversity_mode)
         return {"contrastive": con, "diversity": div, "all_image": all_u, "all_text": all_v}

@@ -138,8 +138,14 @@ class EDGELossConfig:
 
 def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, encoder_hidden_states,
                 cfg: EDGELossConfig, generator: torch.Generator, weight_dtype=torch.float32, gatherer=None,
-                decoder=None, latent_dist=None) -> dict:
+                decoder=None, latent_dist=None, keep=None, noise=None, timesteps=None) -> dict:
     """Forward one batch and return {"loss", and each active term, "top1_i2t", "top1_t2i"} (tensors).
+
+    keep: boolean mask [B] of the items that enter the contrastive and diversity terms (None: all); items
+    whose UNet caption was dropped (--caption_dropout) are left out, as the sample was not conditioned on
+    the caption the scorer would compare it with. The MSE term covers every item.
+    noise, timesteps: use these instead of drawing them from `generator` (tests: one global batch split
+    over processes).
 
     decoder: scaled latents -> pixels for the scorer (utils.cheap_decode.ScorerDecoder; default: the full
     VAE decode). latent_dist: cached posterior (mean, std) of the batch (utils.latent_cache) used in place
@@ -155,8 +161,11 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         device = pixel_values.device
         with torch.no_grad():
             latents = vae_encode(vae, pixel_values.to(weight_dtype), generator).float()
-    noise = torch.randn(latents.shape, generator=generator).to(device)
-    timesteps = torch.randint(cfg.t_min, cfg.t_max + 1, (latents.shape[0],), generator=generator).to(device)
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator)
+    if timesteps is None:
+        timesteps = torch.randint(cfg.t_min, cfg.t_max + 1, (latents.shape[0],), generator=generator)
+    noise, timesteps = noise.to(device), timesteps.to(device)
     noisy = noise_scheduler.add_noise(latents, noise, timesteps)
     model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
     out = {}
@@ -170,10 +179,13 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         u = scorer.encode_image(images)
         v = scorer.encode_text(captions).to(u.device)
         if gatherer is not None:
-            g = gatherer(u, v)
+            g = gatherer(u, v, keep)
             out["contrastive"], out["diversity"] = g["contrastive"], g["diversity"]
             all_u, all_v = g["all_image"], g["all_text"]
         else:
+            if keep is not None:
+                keep = torch.as_tensor(keep, dtype=torch.bool, device=u.device)
+                u, v = u[keep], v[keep]
             out["contrastive"] = contrastive_loss(u, v, cfg.temperature)
             out["diversity"] = diversity_loss(u, v, cfg.diversity_on)
             all_u, all_v = u, v
@@ -539,14 +551,19 @@ def train(args) -> Path:
             gen = torch.Generator().manual_seed(derive_seed(args.seed, micro * world + rank))
             with accelerator.accumulate(unet):
                 captions = batch["caption"]
-                cond_captions = [("" if args.caption_dropout and torch.rand((), generator=gen).item()
-                                  < args.caption_dropout else c) for c in captions]
+                dropped = [bool(args.caption_dropout) and torch.rand((), generator=gen).item() < args.caption_dropout
+                           for _ in captions]
+                cond_captions = ["" if d else c for c, d in zip(captions, dropped)]
+                keep = None  # with gathered features every process passes a mask (the gather is collective)
+                if args.caption_dropout and (gatherer is not None or any(dropped)):
+                    keep = torch.tensor([not d for d in dropped], device=accelerator.device)
                 with torch.no_grad():
                     hidden = encode_prompts(text_encoder, tokenizer, cond_captions, accelerator.device)
                 latent_dist = (latent_cache.lookup(batch["index"], epoch, accelerator.device)
                                if latent_cache is not None else None)
                 terms = edge_losses(unet, vae, noise_scheduler, scorer, batch.get("pixel_values"), captions, hidden,
-                                    cfg, gen, weight_dtype, gatherer, decoder=scorer_decoder, latent_dist=latent_dist)
+                                    cfg, gen, weight_dtype, gatherer, decoder=scorer_decoder, latent_dist=latent_dist,
+                                    keep=keep)
                 loss = terms["loss"]
                 bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0],
                                                       device=accelerator.device), reduction="sum")
