@@ -50,7 +50,7 @@ def parse_args(argv=None):
                    help="also keep all WordPiece ids below this (1996: special tokens and characters)")
     p.add_argument("--vae_steps", type=int, default=None, help="override the VAE recipe's max_train_steps")
     p.add_argument("--pretrain_steps", type=int, default=None, help="override the pre-training recipe's max_train_steps")
-    p.add_argument("--continue_steps", type=int, default=600,
+    p.add_argument("--continue_steps", type=int, default=0,
                    help="then continue pre-training this many steps with the same recipe (fresh optimizer, no "
                         "warm-up, seed + 1), as the shipped model was made; 0: export after the first run")
     p.add_argument("--init_only", action="store_true", help="stop after step 1 (the from-scratch demo path)")

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader, Sampler
 from .atomic_io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
 from .denoise import check_x0_estimable, diffusion_target, predicted_x0
 from .errors import fail
+from .precision import resolve_precision, weight_dtype as weight_dtype_of
 from .losses import GatheredEDGELosses, contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1
 from .seeding import derive_seed
 from .vae_latents import vae_decode, vae_encode
@@ -366,8 +367,9 @@ def check_output_dir(args) -> None:
         (out / "logs" / LOG_NAME).unlink(missing_ok=True)
 
 
-def _weight_dtype(mixed_precision: str):
-    return {"fp16": torch.float16, "bf16": torch.bfloat16}.get(mixed_precision, torch.float32)
+def _forced_cpu() -> bool:
+    """True when accelerate is told to use the CPU even where CUDA exists (ACCELERATE_USE_CPU)."""
+    return os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
 
 
 def _flat_config(args) -> dict:
@@ -391,7 +393,8 @@ def train(args) -> Path:
     output_dir = Path(args.output_dir)
     logging_dir = output_dir / (args.logging_dir or "logs")
     accelerator = Accelerator(
-        gradient_accumulation_steps=args.gradient_accumulation_steps, mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        mixed_precision=resolve_precision(args.mixed_precision, cpu=_forced_cpu()),
         log_with=None if args.report_to == "none" else args.report_to,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(logging_dir)))
     if accelerator.device.type == "cpu":
@@ -416,7 +419,7 @@ def train(args) -> Path:
         raise fail(f"need 0 <= --t_min <= --t_max < {n_train_t}, got {cfg.t_min}..{cfg.t_max}")
     if cfg.uses_scorer:
         check_x0_estimable(noise_scheduler, cfg.t_min, cfg.t_max)
-    weight_dtype = _weight_dtype(accelerator.mixed_precision)
+    weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     scorer = build_scorer(args.scorer, accelerator.device, weight_dtype) if cfg.uses_scorer else None
     gatherer = (GatheredEDGELosses(cfg.temperature, rank, world, cfg.diversity_on)
                 if cfg.uses_scorer and args.gather_features and world > 1 else None)
