@@ -12,10 +12,10 @@ Usage:
 import argparse
 
 from dataset.registry import DATASETS
-from utils.captioning.retrieval import DEFAULT_SCORER, RetrievalBackend
-from utils.captioning.cache import check_output_folder
-from utils.captioning.runner import add_common_args, check_common_args, run_captioning, script_entry
-from utils.config import parse_args_with_recipe
+from utils.stages.captioning.retrieval import DEFAULT_SCORER, RetrievalBackend
+from utils.stages.captioning.cache import check_output_folder
+from utils.stages.captioning.runner import add_common_args, check_common_args, run_captioning, script_entry
+from utils.common.config import parse_args_with_recipe
 
 
 def parse_args(argv=None):
@@ -24,7 +24,7 @@ def parse_args(argv=None):
     add_common_args(parser)
     g = parser.add_argument_group("retrieval")
     g.add_argument("--scorer", type=str, default=DEFAULT_SCORER,
-                   help="Image-text scorer spec (utils.scorers): open_clip:..., hf_clip:..., retrieval:<folder>.")
+                   help="Image-text scorer spec (utils.models.scorers): open_clip:..., hf_clip:..., retrieval:<folder>.")
     g.add_argument("--dataset", type=str, default=None, choices=DATASETS, help="Real data set of the caption pool.")
     g.add_argument("--ann_root", type=str, default=None, help="Its annotation folder (or train JSON file).")
     g.add_argument("--image_root", type=str, default=None, help="Its image root (only for path resolution).")

@@ -20,9 +20,9 @@ Usage:
 import argparse
 import sys
 
-from utils.config import add_paper_flags, parse_args_with_recipe
-from utils.errors import fail, run_cli
-from utils.sampling import DTYPES, IMAGE_FORMATS, SCHEDULERS
+from utils.common.config import add_paper_flags, parse_args_with_recipe
+from utils.common.errors import fail, run_cli
+from utils.stages.sampling import DTYPES, IMAGE_FORMATS, SCHEDULERS
 
 DATASETS = ("flickr30k", "coco", "cc3m", "procedural", "karpathy")
 
@@ -90,7 +90,7 @@ def load_prompts(args) -> tuple:
     """(prompts, prompt_source manifest entry) from --prompts_file or the data set's train captions."""
     from pathlib import Path
 
-    from utils.sampling import draw_prompts, read_prompts_file
+    from utils.stages.sampling import draw_prompts, read_prompts_file
 
     if args.prompts_file:
         prompts = read_prompts_file(args.prompts_file, args.num_queries)
@@ -109,8 +109,8 @@ def load_prompts(args) -> tuple:
 
 def main(args):
     """Run the sampling stage (or the legacy conversion) and return the output folder."""
-    from utils.atomic_io import check_output_dir
-    from utils.sampling import convert_legacy, sample_distilled_set
+    from utils.common.atomic_io import check_output_dir
+    from utils.stages.sampling import convert_legacy, sample_distilled_set
 
     check_output_dir(args.output_dir)  # before prompts are read and the model loads
     if args.convert_from_legacy:

@@ -18,14 +18,14 @@ Usage:
 import argparse
 import sys
 
-from utils.cheap_decode import SCORER_DECODE_MODES, check_decode_flags
-from utils.config import parse_args_with_recipe
-from utils.errors import fail, run_cli
-from utils.latent_cache import check_cacheable
+from utils.models.cheap_decode import SCORER_DECODE_MODES, check_decode_flags
+from utils.common.config import parse_args_with_recipe
+from utils.common.errors import fail, run_cli
+from utils.stages.latent_cache import check_cacheable
 from dataset.torch_datasets import EPOCH_UNITS
-from utils.losses import DIVERSITY_MODES
-from utils.precision import PRECISIONS
-from utils.trainable_params import TRAINABLE_SETS
+from utils.method.losses import DIVERSITY_MODES
+from utils.common.precision import PRECISIONS
+from utils.method.trainable_params import TRAINABLE_SETS
 
 DATASETS = ("flickr30k", "coco", "cc3m", "procedural", "karpathy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
@@ -153,7 +153,7 @@ def validate_args(args) -> None:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parse flags (a --config recipe sets defaults) and validate them."""
-    from utils.config import add_paper_flags  # the public EDGE code's flag names (README)
+    from utils.common.config import add_paper_flags  # the public EDGE code's flag names (README)
 
     args = parse_args_with_recipe(add_paper_flags(build_parser(), "train"), argv)
     validate_args(args)
@@ -162,20 +162,20 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(args):
     """Train (or pre-train the VAE) and return the output folder."""
-    from utils.atomic_io import check_output_dir
+    from utils.common.atomic_io import check_output_dir
 
     check_output_dir(args.output_dir)  # a file or a read-only folder: one line before any model loads
     if args.train_vae:
-        from utils.vae_pretrain import pretrain_vae
+        from utils.stages.vae_pretrain import pretrain_vae
 
         return pretrain_vae(args)
-    from utils.training import train
+    from utils.stages.training import train
 
     return train(args)
 
 
 def _cli() -> int:
-    from utils.training import TrainingDiverged
+    from utils.stages.training import TrainingDiverged
 
     return run_cli(main, parse_args, errors=(TrainingDiverged,))
 

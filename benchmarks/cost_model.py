@@ -31,8 +31,8 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from utils.config import parse_args_with_recipe
-from utils.errors import fail
+from utils.common.config import parse_args_with_recipe
+from utils.common.errors import fail
 
 A5000_DENSE_FP16_TFLOPS = 111.1  # 222.2 TFLOPS "with sparsity" / 2 (NVIDIA RTX A5000 data sheet)
 PAPER_EDGE_GPU_HOURS = 13.6      # EDGE, 500-pair Flickr30K set, one RTX A5000 (paper)
@@ -180,7 +180,7 @@ def build_models() -> dict:
 
 def set_unet_trainable(unet, trainable: str) -> None:
     """Give the UNet's trainable set ("difffit" or "full") gradients, freezing the rest."""
-    from utils.trainable_params import configure_trainable
+    from utils.method.trainable_params import configure_trainable
 
     configure_trainable(unet, trainable)
 
@@ -227,7 +227,7 @@ def count_text_encoder(text_encoder) -> int:
 
 def count_edge_loss(batch_size: int, dim: int) -> int:
     """FLOPs of the EDGE losses (contrastive + diversity), forward + backward, for one batch."""
-    from utils.losses import contrastive_loss, diversity_loss
+    from utils.method.losses import contrastive_loss, diversity_loss
 
     u = _meta((batch_size, dim), requires_grad=True)
     v = _meta((batch_size, dim))

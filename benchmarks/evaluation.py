@@ -27,7 +27,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file from anywhere
 
-from utils.config import parse_args_with_recipe  # noqa: E402
+from utils.common.config import parse_args_with_recipe  # noqa: E402
 
 COLOURS = ("red", "green", "blue", "yellow", "purple", "orange", "white", "black")
 SHAPES = ("circle", "square", "triangle", "star", "cross", "ring")
@@ -51,7 +51,7 @@ def parse_args(argv=None):
     args = parse_args_with_recipe(p, argv)
     if min(args.n_images, args.batch_size, args.rounds, args.captions_per_image, args.protocol_epochs) < 1 \
             or args.batch_size < 2:
-        from utils.errors import fail
+        from utils.common.errors import fail
 
         raise fail("--n_images, --rounds, --captions_per_image, --protocol_epochs must be >= 1, --batch_size >= 2")
     return args
@@ -69,7 +69,7 @@ def run_epoch(model, optimizer, images, caption_ids, preprocess, batch_size, dev
     """One epoch of train_retrieval's step; text from `text_table` rows or, per step, from `text_encoder`."""
     import torch
 
-    from evaluation.retrieval_model import normalize_pixels
+    from utils.models.retrieval_model import normalize_pixels
 
     model.train()
     n = images.shape[0]
@@ -100,10 +100,10 @@ def main(args):
     """Time cached and uncached epochs in alternating rounds and print the ratio."""
     import torch
 
-    from evaluation.retrieval_model import build_retrieval_model
+    from utils.models.retrieval_model import build_retrieval_model
     from evaluation.train_retrieval import _MEMORY_CACHE, cached_text_features
-    from utils.encoders import build_text_encoder
-    from utils.seeding import set_cpu_threads
+    from utils.models.encoders import build_text_encoder
+    from utils.common.seeding import set_cpu_threads
 
     set_cpu_threads(args.threads)
     device = torch.device(args.device)

@@ -2,7 +2,7 @@
 
 Measures, on the same pipeline object and the same per-image seeds:
   1. stock loop: `pipe(prompt, generator=...)` once per image (what the public code does), reference scheduler;
-  2. our stage: `utils.sampling.render_images` (batched, cached prompt embeddings), same scheduler and steps;
+  2. our stage: `utils.stages.sampling.render_images` (batched, cached prompt embeddings), same scheduler and steps;
   3. our stage with DPM-Solver++ at fewer steps (20 by default).
 and prints images/second ratios. "Equal quality" is measured, not assumed: the mean absolute pixel
 distance between the fast images and the reference images from the same seeds, divided by the mean
@@ -21,8 +21,8 @@ import time
 import numpy as np
 import torch
 
-from utils.sampling import DTYPES, SCHEDULERS, PromptEmbeddingCache, load_sampling_pipeline, render_images, set_scheduler
-from utils.seeding import item_generator, set_cpu_threads
+from utils.stages.sampling import DTYPES, SCHEDULERS, PromptEmbeddingCache, load_sampling_pipeline, render_images, set_scheduler
+from utils.common.seeding import item_generator, set_cpu_threads
 
 PROMPTS = ["a red circle on a white background", "two blue squares at the top", "a small green star on the left",
            "a yellow triangle and a purple cross", "a large orange circle in the middle", "a grey gradient with a "
@@ -45,7 +45,7 @@ def parse_args(argv=None):
                    help="Deterministic scheduler whose --steps images also serve as a quality reference "
                         "(an ancestral reference such as DDPM does not converge to the same image).")
     p.add_argument("--channels_last", action="store_true")
-    p.add_argument("--scorer", default=None, help="utils.scorers spec for a CLIP-score comparison.")
+    p.add_argument("--scorer", default=None, help="utils.models.scorers spec for a CLIP-score comparison.")
     p.add_argument("--threads", type=int, default=1, help="CPU threads (1: stable timings on a shared machine).")
     p.add_argument("--rounds", type=int, default=3,
                    help="Rounds of (stock, ours, fast), interleaved; the fastest round of each counts (load noise).")
@@ -69,7 +69,7 @@ def stock_loop(pipe, prompts, seed, steps, guidance):
 
 
 def our_stage(pipe, prompts, seed, steps, guidance, batch_size, height, width):
-    """utils.sampling.render_images in batches with the prompt-embedding cache, as the stage runs."""
+    """utils.stages.sampling.render_images in batches with the prompt-embedding cache, as the stage runs."""
     cache = PromptEmbeddingCache(pipe)
     out = []
     for s in range(0, len(prompts), batch_size):
@@ -88,7 +88,7 @@ def pixel_agreement(images, reference) -> float:
 
 
 def clip_score(scorer, images, prompts) -> float:
-    """Mean cosine similarity between each image and its prompt under a utils.scorers scorer."""
+    """Mean cosine similarity between each image and its prompt under a utils.models.scorers scorer."""
     with torch.no_grad():
         pixels = torch.stack([torch.from_numpy(np.asarray(im, dtype=np.float32)).permute(2, 0, 1) for im in images])
         u = scorer.encode_image(pixels.to(scorer.device) * 2 - 1)
@@ -103,7 +103,7 @@ def main(args):
     tmp = None
     model = args.model
     if model is None:
-        from utils.sd_models import build_tiny_sd
+        from utils.models.sd_models import build_tiny_sd
 
         tmp = tempfile.TemporaryDirectory()
         model = build_tiny_sd(f"{tmp.name}/tiny", resolution=32)
@@ -111,7 +111,7 @@ def main(args):
                for i in range(args.num_images)]
     pipe = load_sampling_pipeline(model, dtype=args.dtype, scheduler=args.scheduler, device=args.device,
                                   channels_last=args.channels_last)
-    from utils.sampling import default_size
+    from utils.stages.sampling import default_size
 
     height, width = default_size(pipe)
     ref_sched = type(pipe.scheduler).__name__
@@ -151,7 +151,7 @@ def main(args):
               f"pixel distance {pixel_agreement(fast, reference):.3f} of the different-seed distance "
               f"(0 = identical; mean |diff| {mean_abs:.1f}/255)")
     if args.scorer:
-        from utils.scorers import build_scorer
+        from utils.models.scorers import build_scorer
 
         scorer = build_scorer(args.scorer, device=args.device)
         ref, new = clip_score(scorer, stock, prompts), clip_score(scorer, fast, prompts)

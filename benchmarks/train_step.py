@@ -49,7 +49,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))  # run as a file from anywhere
 
-from utils.config import parse_args_with_recipe  # noqa: E402
+from utils.common.config import parse_args_with_recipe  # noqa: E402
 
 # name -> (EDGE losses, scorer decode, cached latents, gradient checkpointing, channels-last)
 VARIANTS = {
@@ -93,7 +93,7 @@ def parse_args(argv=None):
     p.add_argument("--variant", choices=tuple(VARIANTS), default=None, help=argparse.SUPPRESS)
     args = parse_args_with_recipe(p, argv)
     if args.steps < 1 or args.rounds < 1 or args.batch_size < 2:
-        from utils.errors import fail
+        from utils.common.errors import fail
 
         raise fail("--steps and --rounds must be at least 1 and --batch_size at least 2")
     return args
@@ -122,13 +122,13 @@ def run_variant(args) -> dict:
 
     import torch
 
-    from utils.cheap_decode import build_scorer_decoder
-    from utils.latent_cache import posterior_mean_std
-    from utils.scorers import build_scorer
-    from utils.sd_models import encode_prompts, load_sd_components
-    from utils.seeding import set_cpu_threads
-    from utils.trainable_params import configure_trainable
-    from utils.training import EDGELossConfig, edge_losses
+    from utils.models.cheap_decode import build_scorer_decoder
+    from utils.stages.latent_cache import posterior_mean_std
+    from utils.models.scorers import build_scorer
+    from utils.models.sd_models import encode_prompts, load_sd_components
+    from utils.common.seeding import set_cpu_threads
+    from utils.method.trainable_params import configure_trainable
+    from utils.stages.training import EDGELossConfig, edge_losses
 
     edge, decode, cached, ckpt, channels_last = VARIANTS[args.variant]
     set_cpu_threads(args.threads)
@@ -199,11 +199,11 @@ def measure_decode_errors(args) -> dict:
     """decode_error of each cheap decode against the full decode, on the encoded benchmark images."""
     import torch
 
-    from utils.cheap_decode import build_scorer_decoder, decode_error
-    from utils.scorers import build_scorer
-    from utils.sd_models import load_sd_components
-    from utils.seeding import set_cpu_threads
-    from utils.training import vae_encode
+    from utils.models.cheap_decode import build_scorer_decoder, decode_error
+    from utils.models.scorers import build_scorer
+    from utils.models.sd_models import load_sd_components
+    from utils.common.seeding import set_cpu_threads
+    from utils.stages.training import vae_encode
 
     set_cpu_threads(args.threads)
     device = torch.device(args.device)
@@ -221,9 +221,9 @@ def measure_decode_errors(args) -> dict:
 
 def _build_default_models(args, tmp: Path) -> None:
     """Fill --model, --scorer and --tiny_vae with tiny random models of SD's proportions."""
-    from utils.cheap_decode import build_tiny_autoencoder
-    from utils.scorers import build_tiny_hf_clip
-    from utils.sd_models import build_tiny_sd
+    from utils.models.cheap_decode import build_tiny_autoencoder
+    from utils.models.scorers import build_tiny_hf_clip
+    from utils.models.sd_models import build_tiny_sd
 
     if args.model is None:
         args.model = str(build_tiny_sd(tmp / "sd", resolution=args.resolution, vae_channels=(32, 64, 64),
@@ -305,7 +305,7 @@ def main(args):
               f"({e['pixel_rel']:.1%} of the full decode's RMS), scorer feature cosine {e['feature_cos']:.4f}"
               + (" [random weights: not a quality measure]" if default_model else ""))
     if args.json_out:
-        from utils.atomic_io import atomic_write_json
+        from utils.common.atomic_io import atomic_write_json
 
         atomic_write_json(args.json_out, {"args": vars(args), "summary": summary, "decode_error": errors})
     return summary

@@ -7,7 +7,7 @@ import json
 import tarfile
 from pathlib import Path
 
-from utils.errors import InputError, fail
+from utils.common.errors import InputError, fail
 
 from .images import IMAGE_SUFFIXES
 

@@ -9,8 +9,8 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from utils.atomic_io import atomic_write_json, atomic_write_text
-from utils.errors import fail
+from utils.common.atomic_io import atomic_write_json, atomic_write_text
+from utils.common.errors import fail
 
 from .karpathy import group_by_image, read_karpathy_train
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from utils.errors import fail
+from utils.common.errors import fail
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 SMALL_FACTOR = 4  # warn when the shorter side is below resolution / SMALL_FACTOR

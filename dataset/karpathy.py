@@ -8,7 +8,7 @@ import json
 import os
 from pathlib import Path
 
-from utils.errors import fail
+from utils.common.errors import fail
 
 
 def _read_entry_list(ann_file) -> list:

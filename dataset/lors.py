@@ -8,7 +8,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import fail
+from utils.common.errors import fail
 
 
 @dataclass

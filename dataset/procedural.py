@@ -33,10 +33,10 @@ import numpy as np
 from PIL import Image, ImageDraw
 from tqdm import tqdm
 
-from utils.atomic_io import atomic_write_json
-from utils.config import parse_args_with_recipe
-from utils.errors import InputError, fail, run_cli
-from utils.seeding import derive_seed
+from utils.common.atomic_io import atomic_write_json
+from utils.common.config import parse_args_with_recipe
+from utils.common.errors import InputError, fail, run_cli
+from utils.common.seeding import derive_seed
 
 FORMAT_VERSION = 2  # bump whenever drawing or caption code changes the output
 SPLITS = ("train", "val", "test")

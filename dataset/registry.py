@@ -2,7 +2,7 @@
 import re
 from pathlib import Path
 
-from utils.errors import fail
+from utils.common.errors import fail
 
 from .cc3m import cc3m_eval_entries, read_cc3m_folder
 from .karpathy import read_karpathy_eval, read_karpathy_train

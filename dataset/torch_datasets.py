@@ -6,8 +6,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from utils.errors import fail
-from utils.seeding import derive_seed
+from utils.common.errors import fail
+from utils.common.seeding import derive_seed
 
 from .images import load_image
 from .karpathy import eval_from_groups, group_by_image

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import torch
 
-from utils.config import parse_args_with_recipe
-from utils.errors import fail, run_cli
+from utils.common.config import parse_args_with_recipe
+from utils.common.errors import fail, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -148,7 +148,7 @@ def drop_vae_attention(pipeline_dir) -> int:
 def init_model(out_dir, data_dir, unet_channels=(64, 128, 128), text_encoder_layers: int = 2,
                keep_vocab_below: int = 1996, seed: int = 0, vae_channels=(32, 64)) -> Path:
     """Step 1: tiny random-init SD with the shrunk MiniLM and an attention-free VAE, saved to `out_dir`."""
-    from utils.sd_models import build_tiny_sd
+    from utils.models.sd_models import build_tiny_sd
 
     out_dir = Path(out_dir)
     if out_dir.exists():
@@ -165,7 +165,7 @@ def init_model(out_dir, data_dir, unet_channels=(64, 128, 128), text_encoder_lay
 
 def export_fp16(model_dir, output_dir) -> int:
     """Save the pipeline with fp16 weights (safetensors) into `output_dir`; returns its size in bytes."""
-    from utils.sd_models import load_sd_pipeline
+    from utils.models.sd_models import load_sd_pipeline
 
     pipe = load_sd_pipeline(str(model_dir), torch_dtype=torch.float16)
     output_dir = Path(output_dir)

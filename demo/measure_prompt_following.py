@@ -18,9 +18,9 @@ from pathlib import Path
 import torch
 
 from dataset.images import load_image
-from utils.atomic_io import atomic_write_json
-from utils.config import parse_args_with_recipe
-from utils.errors import fail, run_cli
+from utils.common.atomic_io import atomic_write_json
+from utils.common.config import parse_args_with_recipe
+from utils.common.errors import fail, run_cli
 
 
 def parse_args(argv=None):
@@ -104,7 +104,7 @@ def measure(data_dir, sets: dict, real: int = 300, classifier_epochs: int = 6, s
         images, prompts = real_test_items(data_dir, real)
         rows["real test images"] = prompt_following(model, spec, images, prompts)
         if vae_model:
-            from utils.sd_models import load_sd_components
+            from utils.models.sd_models import load_sd_components
 
             vae = load_sd_components(vae_model).vae.float().eval()
             rows["real, VAE round trip"] = prompt_following(

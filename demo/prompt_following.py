@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from dataset.images import load_image
 from dataset.procedural import POSITIONS, SIZES, caption_attributes, read_attributes, read_spec
-from utils.seeding import seed_everything
+from utils.common.seeding import seed_everything
 
 # attribute -> (key in caption_attributes(), key in an object's / the image's attributes)
 ATTRIBUTES = {"colour": "colours", "shape": "shapes", "size": "sizes", "position": "positions",

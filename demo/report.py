@@ -8,8 +8,8 @@ from PIL import Image, ImageDraw
 from dataset.distilled import read_distilled_set
 from dataset.images import load_image
 from dataset.registry import resolve_split
-from utils.atomic_io import atomic_save_image, atomic_write_json, atomic_write_text
-from utils.config import code_version
+from utils.common.atomic_io import atomic_save_image, atomic_write_json, atomic_write_text
+from utils.common.config import code_version
 
 ROW_LABELS = {
     "random_100": "random real pairs",

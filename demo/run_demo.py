@@ -19,9 +19,9 @@ import sys
 import time
 from pathlib import Path
 
-from utils.atomic_io import atomic_write_json
-from utils.config import parse_args_with_recipe, save_run_config
-from utils.errors import fail, run_cli
+from utils.common.atomic_io import atomic_write_json
+from utils.common.config import parse_args_with_recipe, save_run_config
+from utils.common.errors import fail, run_cli
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED_MODEL = ROOT / "assets" / "demo_sd"

@@ -37,9 +37,9 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from utils.config import args_to_dict, parse_args_with_recipe, run_info, save_run_config  # noqa: E402
-from utils.errors import fail, run_cli  # noqa: E402
-from utils.seeding import set_cpu_threads  # noqa: E402
+from utils.common.config import args_to_dict, parse_args_with_recipe, run_info, save_run_config  # noqa: E402
+from utils.common.errors import fail, run_cli  # noqa: E402
+from utils.common.seeding import set_cpu_threads  # noqa: E402
 
 from evaluation.protocol import PROTOCOLS, apply_protocol_defaults, protocol_preprocess, protocol_settings  # noqa: E402
 from evaluation.protocol import help_text as protocol_help  # noqa: E402
@@ -112,7 +112,7 @@ def parse_args(argv=None):
                    help="disk cache of frozen text features (default: $EDGE_CACHE_DIR or ~/.cache/edge/text_features)")
     g.add_argument("--no_feature_cache", action="store_true", help="do not read or write the disk cache")
     g.add_argument("--no_progress", action="store_true", help="hide progress bars")
-    from utils.config import add_paper_flags  # the public EDGE code's flag names (README)
+    from utils.common.config import add_paper_flags  # the public EDGE code's flag names (README)
 
     args = parse_args_with_recipe(add_paper_flags(p, "evaluation"), argv)
     apply_protocol_defaults(args)
@@ -273,10 +273,10 @@ def main(args):
     """Run the evaluation; returns the results dict (also written to <output_dir>/results.json)."""
     from accelerate import Accelerator
 
-    from utils.encoders import build_text_encoder
+    from utils.models.encoders import build_text_encoder
 
     from evaluation.report import aggregate, append_table_row, plot_r_mean, table_row, write_results_json
-    from evaluation.retrieval_model import build_retrieval_model, save_retrieval_model
+    from utils.models.retrieval_model import build_retrieval_model, save_retrieval_model
     from evaluation.train_retrieval import (SELECTION_LABELS, TrainConfig, num_training_items, select_entry,
                                             train_retrieval)
 
@@ -284,7 +284,7 @@ def main(args):
     set_cpu_threads(args.num_threads)
     run_name = args.run_name or default_run_name(args)
     output_dir = Path(args.output_dir or Path("outputs") / "eval" / _slug(run_name))
-    from utils.atomic_io import check_output_dir
+    from utils.common.atomic_io import check_output_dir
 
     check_output_dir(output_dir)  # a file or a read-only folder: one line before any model loads
     if args.save_model_dir:
@@ -399,7 +399,7 @@ def main(args):
 
 def _probe_image_encoder(args):
     """Build the image encoder once up front so a missing model fails before data loading."""
-    from utils.encoders import build_image_encoder
+    from utils.models.encoders import build_image_encoder
 
     return build_image_encoder(args.image_encoder, pretrained=not args.from_scratch)
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from utils.encoders import clip_mean_std
-from utils.errors import fail
+from utils.models.encoders import clip_mean_std
+from utils.common.errors import fail
 
 PROTOCOLS = ("lors", "edge")
 

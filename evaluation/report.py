@@ -1,7 +1,7 @@
 """Outputs of an evaluation run: aggregated recalls, results.json, a Markdown table row, an r_mean plot."""
 from pathlib import Path
 
-from utils.atomic_io import atomic_write_json, atomic_write_text
+from utils.common.atomic_io import atomic_write_json, atomic_write_text
 
 from .metrics import ALL_KEYS, mean_std
 
@@ -70,7 +70,7 @@ def plot_r_mean(path, histories: dict, title: str) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    from utils.atomic_io import atomic_write_bytes
+    from utils.common.atomic_io import atomic_write_bytes
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     for i, (seed, history) in enumerate(histories.items()):

@@ -20,13 +20,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from utils.atomic_io import atomic_torch_save
-from utils.errors import fail
-from utils.seeding import derive_seed, seed_everything
+from utils.common.atomic_io import atomic_torch_save
+from utils.common.errors import fail
+from utils.common.seeding import derive_seed, seed_everything
 
 from .metrics import itm_recalls
 from .protocol import edge_train_augment
-from .retrieval_model import RetrievalModel, normalize_pixels
+from utils.models.retrieval_model import RetrievalModel, normalize_pixels
 
 SELECTION_RULES = ("last", "best_val", "best_test")
 SELECTION_LABELS = {

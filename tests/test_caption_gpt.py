@@ -9,7 +9,7 @@ from PIL import Image
 
 import caption_synthesis_gpt as gpt_script
 from dataset.distilled import read_distilled_set, write_distilled_set
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 KEY = "sk-test-SECRET-0123456789"
 
@@ -166,7 +166,7 @@ def test_gpt_duplicates_are_topped_up_then_reported_short(tmp_path, key):
 
 
 def test_gpt_interrupted_run_resumes_without_new_requests(tmp_path, key, monkeypatch):
-    import utils.captioning.cache as cache_mod
+    import utils.stages.captioning.cache as cache_mod
 
     src = make_set(tmp_path / "set", n=6)
     out = tmp_path / "out"
@@ -276,8 +276,8 @@ def test_gpt_base_url_credentials_are_never_written_or_printed(tmp_path, key, ca
 def test_run_config_and_redaction_helper_mask_credentials(tmp_path, monkeypatch, key):
     import argparse
 
-    from utils.config import save_run_config
-    from utils.errors import redact_secrets
+    from utils.common.config import save_run_config
+    from utils.common.errors import redact_secrets
 
     assert redact_secrets("see https://u:p@host/x and sk-abcdefghijkl") == "see https://***@host/x and ***"
     assert redact_secrets("http://host/v1") == "http://host/v1" and redact_secrets(None) is None

@@ -10,11 +10,11 @@ from PIL import Image
 import caption_synthesis_llama as llama_script
 import caption_synthesis_llava as llava_script
 from dataset.distilled import read_distilled_set, write_distilled_set
-from utils.atomic_io import read_jsonl
-from utils.captioning.cache import CACHE_FILE
-from utils.captioning.cleaning import caption_key
-from utils.captioning.tiny_models import build_tiny_llama, build_tiny_llava
-from utils.errors import InputError
+from utils.common.atomic_io import read_jsonl
+from utils.stages.captioning.cache import CACHE_FILE
+from utils.stages.captioning.cleaning import caption_key
+from utils.stages.captioning.tiny_models import build_tiny_llama, build_tiny_llava
+from utils.common.errors import InputError
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -71,7 +71,7 @@ def test_llava_tiny_model_k_minus_1_captions_cached_and_resumed(tmp_path, tiny_l
     assert ds.manifest["sampling"] == {"seed": 1}
     assert len(read_jsonl(out / CACHE_FILE)) == 3
     # a rerun loads nothing and generates nothing
-    from utils.captioning.llava import LlavaBackend
+    from utils.stages.captioning.llava import LlavaBackend
 
     monkeypatch.setattr(LlavaBackend, "setup", lambda self: pytest.fail("model loaded on a finished run"))
     summary2 = llava_script.main(llava_script.parse_args(argv))
@@ -90,7 +90,7 @@ def test_llama_tiny_model_paraphrases(tmp_path, tiny_llama):
 
 
 def test_llama_chat_text_holds_the_prompt(tiny_llama):
-    from utils.captioning.llama import LlamaBackend
+    from utils.stages.captioning.llama import LlamaBackend
 
     b = LlamaBackend(model=str(tiny_llama))
     b.setup()

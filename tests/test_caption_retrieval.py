@@ -6,10 +6,10 @@ import torch
 from PIL import Image
 
 import caption_synthesis_retrieval as retrieval_script
-import utils.scorers as scorers
+import utils.models.scorers as scorers
 from dataset.distilled import read_distilled_set, write_distilled_set
-from utils.captioning.retrieval import rank_pool
-from utils.errors import InputError
+from utils.stages.captioning.retrieval import rank_pool
+from utils.common.errors import InputError
 
 POOL = ["a red circle", "A red circle.", "one red square", "a red red and blue square", "a red and green circle",
         "a green circle", "a blue circle", "a green green and blue square"]

@@ -4,7 +4,7 @@ import os
 import pytest
 from PIL import Image
 
-from utils.errors import InputError, run_cli
+from utils.common.errors import InputError, run_cli
 
 
 # ----------------------------------------------------------------------------- Ctrl-C
@@ -24,7 +24,7 @@ def test_ctrl_c_is_one_line_and_exit_130(capsys):
 def test_ctrl_c_in_a_stage_script_is_one_line(tmp_path, monkeypatch, capsys):
     import caption_synthesis_gpt as gpt_script
     from dataset.distilled import write_distilled_set
-    from utils.captioning.gpt import GPTBackend
+    from utils.stages.captioning.gpt import GPTBackend
 
     (tmp_path / "set" / "images").mkdir(parents=True)
     Image.new("RGB", (8, 8)).save(tmp_path / "set" / "images" / "000000.png")
@@ -47,7 +47,7 @@ def test_ctrl_c_in_a_stage_script_is_one_line(tmp_path, monkeypatch, capsys):
 
 def _bad_output(tmp_path, monkeypatch, kind):
     """An output path that is a file, lies below a file, or lies in a folder that is not writable."""
-    import utils.atomic_io as atomic_io
+    import utils.common.atomic_io as atomic_io
 
     (tmp_path / "f").write_text("x")
     if kind == "read_only":
@@ -71,7 +71,7 @@ def _forbid(monkeypatch, target, name):
 
 @pytest.mark.parametrize("kind", KINDS)
 def test_check_output_dir_helper(tmp_path, monkeypatch, kind):
-    from utils.atomic_io import check_output_dir
+    from utils.common.atomic_io import check_output_dir
 
     out, expect = _bad_output(tmp_path, monkeypatch, kind)
     with pytest.raises(InputError, match=expect) as e:
@@ -86,7 +86,7 @@ def test_train_output_dir_checked_before_models_load(tmp_path, monkeypatch, kind
     import edge_diffusion_train as script
 
     out, expect = _bad_output(tmp_path, monkeypatch, kind)
-    _forbid(monkeypatch, "utils.training.train", "training")
+    _forbid(monkeypatch, "utils.stages.training.train", "training")
     args = script.parse_args(["--output_dir", str(out), "--ann_root", str(tmp_path), "--dataset", "procedural"])
     with pytest.raises(InputError, match=rf"--output_dir .*{expect}"):
         script.main(args)
@@ -98,7 +98,7 @@ def test_evaluation_output_dir_checked_before_models_load(tmp_path, monkeypatch,
 
     out, expect = _bad_output(tmp_path, monkeypatch, kind)
     _forbid(monkeypatch, "evaluation.evaluation._probe_image_encoder", "the image encoder")
-    _forbid(monkeypatch, "utils.encoders.build_text_encoder", "the text encoder")
+    _forbid(monkeypatch, "utils.models.encoders.build_text_encoder", "the text encoder")
     args = script.parse_args(["--dataset", "procedural", "--ann_root", str(tmp_path), "--baseline", "random",
                               "--n", "2", "--output_dir", str(out), "--cpu", "--no_feature_cache"])
     with pytest.raises(InputError, match=rf"--output_dir .*{expect}"):
@@ -111,7 +111,7 @@ def test_evaluation_output_dir_checked_before_models_load(tmp_path, monkeypatch,
 def test_caption_output_dir_checked_before_models_load(tmp_path, monkeypatch, kind, script_name):
     import importlib
 
-    from utils.captioning import runner
+    from utils.stages.captioning import runner
 
     script = importlib.import_module(script_name)
     out, expect = _bad_output(tmp_path, monkeypatch, kind)

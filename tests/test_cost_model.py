@@ -5,7 +5,7 @@ import torch
 from benchmarks.cost_model import (PartFlops, cache_flops, count_forward, count_forward_backward, edge_sample_flops,
                                    flop_counter, gpu_hours, implied_mfu, parse_args, plain_sample_flops, report,
                                    sampling_flops, set_unet_trainable, training_flops, training_steps)
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 PARTS = PartFlops(text_encoder=1, vae_encode=2, unet_forward=4, unet_backward=8, vae_decode_forward=16,
                   vae_decode_backward=32, scorer_image_forward=64, scorer_image_backward=128, scorer_text=256)

@@ -7,7 +7,7 @@ from PIL import Image
 
 from dataset.cc3m import cc3m_eval_entries, iter_cc3m_shards, read_cc3m_folder
 from dataset.registry import load_split
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 
 def _jpg(path, colour):

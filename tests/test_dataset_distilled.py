@@ -8,7 +8,7 @@ from PIL import Image
 from dataset.distilled import (is_distilled_set, read_distilled_set, read_manifest, write_distilled_set,
                                write_manifest)
 from dataset.karpathy import read_karpathy_train
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 
 def _images(folder, n):

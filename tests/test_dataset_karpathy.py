@@ -7,7 +7,7 @@ from PIL import Image
 from dataset.images import load_image
 from dataset.karpathy import group_by_image, read_karpathy_eval, read_karpathy_train
 from dataset.registry import DATASETS, load_split, resolve_split
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 
 def _png(path, colour=(255, 0, 0)):

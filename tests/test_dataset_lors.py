@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from dataset.lors import read_lors_pt
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 
 def _save(path, obj):

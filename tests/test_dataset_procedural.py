@@ -11,7 +11,7 @@ from dataset.karpathy import group_by_image, read_karpathy_eval, read_karpathy_t
 from dataset.procedural import (ProceduralSpec, caption_attributes, generate_procedural_dataset, image_attributes,
                                 main, parse_args, read_attributes, read_spec)
 from dataset.registry import load_split
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 SMALL = dict(resolution=32, n_train=40, n_val=8, n_test=12)
 

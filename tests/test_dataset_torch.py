@@ -5,7 +5,7 @@ from PIL import Image
 
 from dataset.distilled import read_distilled_set, write_distilled_set
 from dataset.torch_datasets import ImageCaptionTrainDataset, RetrievalEvalDataset, to_tensor
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 
 @pytest.fixture
@@ -90,7 +90,7 @@ def test_distilled_set_through_both_classes(root):
 def test_no_set_epoch_for_accelerate_to_override(root):
     # accelerate's DataLoaderShard calls dataset.set_epoch(<its iteration counter>), which restarts at 0 after a
     # resume; the caption draw must follow only the training loop's epoch (use_epoch)
-    from utils.latent_cache import CaptionOnlyDataset
+    from utils.stages.latent_cache import CaptionOnlyDataset
 
     ds = ImageCaptionTrainDataset(_groups(), root, seed=7)
     assert not hasattr(ds, "set_epoch") and not hasattr(CaptionOnlyDataset(ds), "set_epoch")
@@ -105,7 +105,7 @@ def test_no_set_epoch_for_accelerate_to_override(root):
 
 
 def test_pairs_unit_passes_every_caption_once(root):
-    from utils.latent_cache import CaptionOnlyDataset
+    from utils.stages.latent_cache import CaptionOnlyDataset
 
     images = ImageCaptionTrainDataset(_groups(), root, seed=7)
     pairs = images.with_unit("pairs")

@@ -9,7 +9,7 @@ from demo.build_demo_model import drop_vae_attention, shrink_text_encoder
 from demo.measure_prompt_following import main as measure_main
 from demo.measure_prompt_following import parse_args as measure_args
 from demo.prompt_following import markdown_table
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "assets" / "demo_sd"
@@ -30,7 +30,7 @@ def test_shipped_model_is_small_fp16_safetensors():
 
 
 def test_shipped_model_loads_through_the_real_loader_and_generates_32px():
-    from utils.sd_models import load_sd_components, load_sd_pipeline
+    from utils.models.sd_models import load_sd_components, load_sd_pipeline
 
     torch.set_num_threads(1)
     pipe = load_sd_pipeline(str(SHIPPED))
@@ -45,7 +45,7 @@ def test_shipped_model_loads_through_the_real_loader_and_generates_32px():
 
 @pytest.fixture(scope="module")
 def tiny_minilm_sd(tmp_path_factory):
-    from utils.sd_models import build_tiny_sd
+    from utils.models.sd_models import build_tiny_sd
 
     root = tmp_path_factory.mktemp("shrink")
     data = root / "data"
@@ -81,7 +81,7 @@ def test_caption_tokens_need_annotation_files(tmp_path):
     from transformers import AutoTokenizer
 
     from demo.build_demo_model import caption_token_ids
-    from utils.sd_models import minilm_path
+    from utils.models.sd_models import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     with pytest.raises(InputError, match="no annotation files"):
@@ -124,7 +124,7 @@ def test_measure_prompt_following_on_real_images_only(tmp_path):
 def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_path):
     from dataset.procedural import main as make_data, parse_args as data_args
     from demo.build_demo_model import main as build_main, parse_args as build_args
-    from utils.sd_models import load_sd_pipeline
+    from utils.models.sd_models import load_sd_pipeline
 
     data = make_data(data_args(["--output_dir", str(tmp_path / "d"), "--resolution", "32", "--min_shapes", "1",
                                 "--max_shapes", "1", "--n_train", "40", "--n_val", "4", "--n_test", "4"]))

@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.encoders import build_image_encoder, build_text_encoder, load_efficientnet_lite0_weights
-from utils.errors import InputError
+from utils.models.encoders import build_image_encoder, build_text_encoder, load_efficientnet_lite0_weights
+from utils.common.errors import InputError
 
 TINY_NFNET_ARGS = dict(depths=(1, 1, 1, 1), channels=(16, 32, 48, 64), group_size=8, stem_chs=16, num_features=64)
 

@@ -4,15 +4,15 @@ import torch
 import torch.nn as nn
 from accelerate import Accelerator
 
-import evaluation.retrieval_model as retrieval_model
+import utils.models.retrieval_model as retrieval_model
 from dataset.procedural import ProceduralSpec, generate_procedural_dataset
 from evaluation.evaluation import main, parse_args
 from evaluation.protocol import (edge_train_augment, protocol_preprocess, protocol_settings,
                                  random_resized_crop_params)
-from evaluation.retrieval_model import RetrievalModel
+from utils.models.retrieval_model import RetrievalModel
 from evaluation.train_retrieval import (EvalSplit, TrainConfig, TrainSet, encoder_input, epoch_batches,
                                         resize_to_uint8, train_retrieval)
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 from test_encoders import save_tiny_bert, save_tiny_nfnet
 

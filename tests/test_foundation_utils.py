@@ -5,10 +5,10 @@ import json
 import pytest
 import torch
 
-from utils.atomic_io import append_jsonl, atomic_write_json, read_jsonl
-from utils.config import parse_args_with_recipe, save_run_config
-from utils.errors import InputError
-from utils.seeding import derive_seed, item_generator
+from utils.common.atomic_io import append_jsonl, atomic_write_json, read_jsonl
+from utils.common.config import parse_args_with_recipe, save_run_config
+from utils.common.errors import InputError
+from utils.common.seeding import derive_seed, item_generator
 
 
 def test_atomic_write_json_leaves_no_temp_files(tmp_path):
@@ -124,7 +124,7 @@ def test_recipe_unknown_key_suggests_the_closest_name(tmp_path):
 def test_shipped_recipes_pass_the_validation():
     from pathlib import Path
 
-    from utils.config import load_recipe, validate_recipe
+    from utils.common.config import load_recipe, validate_recipe
 
     root = Path(__file__).resolve().parent.parent / "configs"
     for name in ("train_flickr30k", "train_coco", "train_cc3m", "demo_edge", "demo_pretrain", "demo_vae",

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.losses import (GatheredEDGELosses, contrastive_loss, diversity_loss, mean_off_diagonal, noise_mse_loss,
+from utils.method.losses import (GatheredEDGELosses, contrastive_loss, diversity_loss, mean_off_diagonal, noise_mse_loss,
                           retrieval_top1)
 
 # u_i, v_i already unit vectors: S = u @ v.T = [[1,0,0],[0,1,1],[1,0,0]]

@@ -13,7 +13,7 @@ import caption_synthesis_llava as llava_script
 import edge_diffusion_sampling as sampling_script
 import edge_diffusion_train as train_script
 from evaluation import evaluation as eval_script
-from utils.errors import InputError, run_cli
+from utils.common.errors import InputError, run_cli
 
 
 def argv(cmd: str) -> list:

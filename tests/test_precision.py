@@ -1,7 +1,7 @@
 """`--mixed_precision auto`: bf16 only where the hardware has it."""
 import torch
 
-from utils.precision import choose_precision, weight_dtype
+from utils.common.precision import choose_precision, weight_dtype
 
 
 def test_auto_on_cpu_follows_native_bf16():

@@ -9,12 +9,12 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-import utils.sampling as sampling  # noqa: E402
+import utils.stages.sampling as sampling  # noqa: E402
 from dataset.distilled import read_distilled_set  # noqa: E402
 from edge_diffusion_sampling import main, parse_args  # noqa: E402
-from utils.errors import InputError  # noqa: E402
-from utils.sd_models import build_tiny_sd  # noqa: E402
-from utils.seeding import item_generator  # noqa: E402
+from utils.common.errors import InputError  # noqa: E402
+from utils.models.sd_models import build_tiny_sd  # noqa: E402
+from utils.common.seeding import item_generator  # noqa: E402
 
 STEPS = "3"
 
@@ -252,8 +252,8 @@ def test_convert_from_legacy_layout(tmp_path):
 def test_lora_run_folder_is_sampled_as_base_plus_lora(tiny_sd, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from utils.sd_models import load_sd_components
-    from utils.trainable_params import configure_trainable, lora_state_dict
+    from utils.models.sd_models import load_sd_components
+    from utils.method.trainable_params import configure_trainable, lora_state_dict
 
     unet = load_sd_components(tiny_sd).unet
     configure_trainable(unet, "lora", lora_rank=2)
@@ -292,7 +292,7 @@ def test_broken_images_of_an_interrupted_run_are_rendered_again(tiny_sd, procedu
 
 @pytest.mark.parametrize("kind", ["file", "below_file", "read_only"])
 def test_unusable_output_dir_is_one_line_before_the_model_loads(tiny_sd, procedural, tmp_path, monkeypatch, kind):
-    import utils.atomic_io as atomic_io
+    import utils.common.atomic_io as atomic_io
 
     (tmp_path / "f").write_text("x")
     out = {"file": tmp_path / "f", "below_file": tmp_path / "f" / "out", "read_only": tmp_path / "ro" / "out"}[kind]

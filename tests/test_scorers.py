@@ -4,8 +4,8 @@ import os
 import pytest
 import torch
 
-from utils.errors import InputError
-from utils.scorers import build_scorer, build_tiny_hf_clip
+from utils.common.errors import InputError
+from utils.models.scorers import build_scorer, build_tiny_hf_clip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -54,7 +54,7 @@ def test_open_clip_random_init():
 
 
 def test_retrieval_scorer(tmp_path):
-    from evaluation.retrieval_model import build_retrieval_model, save_retrieval_model
+    from utils.models.retrieval_model import build_retrieval_model, save_retrieval_model
 
     model, preprocess = build_retrieval_model("open_clip:ViT-S-32", text_dim=384, pretrained=False)
     save_retrieval_model(model, tmp_path / "ret", {"image_encoder": "open_clip:ViT-S-32", "text_encoder": "minilm",

@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from utils.errors import InputError
-from utils.sd_models import build_tiny_sd, load_sd_components, load_sd_pipeline
+from utils.common.errors import InputError
+from utils.models.sd_models import build_tiny_sd, load_sd_components, load_sd_pipeline
 
 
 @pytest.fixture(scope="module")

@@ -6,20 +6,20 @@ import os
 import pytest
 import torch
 
-from utils.cheap_decode import (ScorerDecoder, build_scorer_decoder, build_tiny_autoencoder, decode_error,
+from utils.models.cheap_decode import (ScorerDecoder, build_scorer_decoder, build_tiny_autoencoder, decode_error,
                                 load_tiny_vae, reduced_latent_size, vae_upsampling_factor)
-from utils.errors import InputError
-from utils.latent_cache import (CaptionOnlyDataset, LatentCache, build_latent_cache, posterior_mean_std,
+from utils.common.errors import InputError
+from utils.stages.latent_cache import (CaptionOnlyDataset, LatentCache, build_latent_cache, posterior_mean_std,
                                 sample_cached_latents)
-from utils.training import EDGELossConfig, edge_losses, vae_decode, vae_encode
+from utils.stages.training import EDGELossConfig, edge_losses, vae_decode, vae_encode
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from utils.scorers import build_scorer, build_tiny_hf_clip
-    from utils.sd_models import build_tiny_sd, encode_prompts, load_sd_components
+    from utils.models.scorers import build_scorer, build_tiny_hf_clip
+    from utils.models.sd_models import build_tiny_sd, encode_prompts, load_sd_components
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("speedups")

@@ -3,7 +3,7 @@ import os
 
 import pytest
 
-from utils.errors import InputError
+from utils.common.errors import InputError
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

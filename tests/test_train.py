@@ -8,8 +8,8 @@ import torch
 from safetensors.torch import load_file
 
 import edge_diffusion_train as script
-from utils.errors import InputError
-from utils.training import TrainingDiverged
+from utils.common.errors import InputError
+from utils.stages.training import TrainingDiverged
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 
@@ -17,8 +17,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from dataset.procedural import ProceduralSpec, generate_procedural_dataset
-    from utils.scorers import build_tiny_hf_clip
-    from utils.sd_models import build_tiny_sd
+    from utils.models.scorers import build_tiny_hf_clip
+    from utils.models.sd_models import build_tiny_sd
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("train_assets")
@@ -124,7 +124,7 @@ def test_resume_with_five_captions_per_image(assets, tmp_path):
 @pytest.mark.parametrize("unit,steps", [("pairs", 10), ("images", 2)])
 def test_epoch_unit_sets_the_step_count(assets, tmp_path, unit, steps):
     # 8 images x 5 captions, batch 4, one epoch: 40 pairs -> 10 steps, 8 images -> 2 steps
-    from utils.training import total_train_steps
+    from utils.stages.training import total_train_steps
 
     out = tmp_path / unit
     script.main(script.parse_args(_argv(assets, out, "--ann_root", assets["data5"], "--train_batch_size", "4",
@@ -138,7 +138,7 @@ def test_epoch_unit_sets_the_step_count(assets, tmp_path, unit, steps):
 
 
 def test_total_train_steps_of_the_paper_recipes():
-    from utils.training import total_train_steps
+    from utils.stages.training import total_train_steps
 
     # the numbers stated in configs/train_{flickr30k,coco,cc3m}.yaml: 10 epochs, batch 128, full batches only
     assert total_train_steps(145_000, 128, 10) == 11_320  # Flickr30K pairs (29,000 images x 5)
@@ -151,8 +151,8 @@ def test_total_train_steps_of_the_paper_recipes():
 
 
 def test_caption_dropout_leaves_dropped_items_out_of_the_edge_terms(assets, tmp_path, monkeypatch):
-    import utils.sd_models as sd_models
-    import utils.training as training
+    import utils.models.sd_models as sd_models
+    import utils.stages.training as training
 
     real_encode, real_losses, dropped, seen = sd_models.encode_prompts, training.edge_losses, [], []
 
@@ -243,7 +243,7 @@ def _recipe(tmp_path, data):
 
 
 def test_nan_loss_stops_at_step_and_keeps_checkpoint(assets, tmp_path, monkeypatch):
-    import utils.training as training
+    import utils.stages.training as training
 
     real, calls = training.edge_losses, []
 
@@ -292,14 +292,14 @@ def test_train_vae_mode(assets, tmp_path):
 
 
 def test_moving_average_is_trailing_mean():
-    from utils.training import moving_average
+    from utils.stages.training import moving_average
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]
 
 
 def test_epsilon_zero_snr_model_is_refused_before_training(assets, tmp_path):
-    from utils.sd_models import build_tiny_sd
+    from utils.models.sd_models import build_tiny_sd
 
     sd = build_tiny_sd(tmp_path / "sd_zero_snr", prediction_type="epsilon", zero_snr=True)
     argv = _argv(assets, tmp_path / "out", "--train_batch_size", "2", "--max_train_steps", "2")

@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from dataset.procedural import ProceduralSpec, generate_procedural_dataset
-    from utils.scorers import build_tiny_hf_clip
-    from utils.sd_models import build_tiny_sd
+    from utils.models.scorers import build_tiny_hf_clip
+    from utils.models.sd_models import build_tiny_sd
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("mp_assets")
@@ -69,8 +69,8 @@ def global_batch(seed=0):
 
 
 def load(sd, clip):
-    from utils.scorers import build_scorer
-    from utils.sd_models import load_sd_components
+    from utils.models.scorers import build_scorer
+    from utils.models.sd_models import load_sd_components
 
     torch.manual_seed(0)
     comps = load_sd_components(sd)
@@ -80,8 +80,8 @@ def load(sd, clip):
 
 def step_grads(comps, scorer, rows, unet=None, gatherer=None, lambdas=(1.0, 1.0, 1.0)):
     """Parameter gradients of one step on the global-batch rows `rows` (a slice)."""
-    from utils.sd_models import encode_prompts
-    from utils.training import EDGELossConfig, edge_losses
+    from utils.models.sd_models import encode_prompts
+    from utils.stages.training import EDGELossConfig, edge_losses
 
     mean, noise, timesteps = global_batch()
     cfg = EDGELossConfig(lambdas[0], lambdas[1], lambdas[2], 0.1, "image_text")
@@ -100,7 +100,7 @@ def step_grads(comps, scorer, rows, unet=None, gatherer=None, lambdas=(1.0, 1.0,
 def main(sd, clip, out_path):
     from accelerate import Accelerator
 
-    from utils.losses import GatheredEDGELosses
+    from utils.method.losses import GatheredEDGELosses
 
     torch.set_num_threads(1)
     acc = Accelerator(cpu=True)
@@ -155,7 +155,7 @@ def test_two_process_gradient_equals_one_process_global_batch(assets, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     two = torch.load(tmp_path / "grads.pt")
     assert two["scored_batch"] == 4  # the EDGE terms ran over the gathered 2 x 2 batch
-    from utils.losses import contrastive_loss, diversity_loss
+    from utils.method.losses import contrastive_loss, diversity_loss
 
     ref_u, ref_v = two["masked_ref"]
     assert two["masked"] == pytest.approx([contrastive_loss(ref_u, ref_v, 0.1).item(),

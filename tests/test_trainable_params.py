@@ -3,9 +3,9 @@ import pytest
 import torch
 from diffusers import UNet2DConditionModel
 
-from utils.errors import InputError
-from utils.sd_models import tiny_unet_config
-from utils.trainable_params import configure_trainable, difffit_parameter_names, lora_state_dict
+from utils.common.errors import InputError
+from utils.models.sd_models import tiny_unet_config
+from utils.method.trainable_params import configure_trainable, difffit_parameter_names, lora_state_dict
 
 
 def _unet():

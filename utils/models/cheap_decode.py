@@ -17,8 +17,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import fail
-from .vae_latents import vae_decode
+from utils.common.errors import fail
+from utils.method.vae_latents import vae_decode
 
 SCORER_DECODE_MODES = ("full", "reduced", "tiny")
 

@@ -19,7 +19,7 @@ LLAMA_CHAT_TEMPLATE = (
 def _tokenizer(extra_tokens=()):
     from transformers import AutoTokenizer
 
-    from utils.sd_models import minilm_path
+    from utils.models.sd_models import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     if extra_tokens:

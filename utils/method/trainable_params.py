@@ -10,7 +10,7 @@ and saves as a plain `unet/` folder.
 """
 import torch
 
-from .errors import fail
+from utils.common.errors import fail
 
 TRAINABLE_SETS = ("difffit", "lora", "full")
 NORM_TYPES = (torch.nn.GroupNorm, torch.nn.LayerNorm, torch.nn.BatchNorm2d, torch.nn.InstanceNorm2d)

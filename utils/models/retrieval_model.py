@@ -12,9 +12,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.atomic_io import atomic_write_bytes, atomic_write_json
-from utils.encoders import build_image_encoder, build_text_encoder
-from utils.errors import fail
+from utils.common.atomic_io import atomic_write_bytes, atomic_write_json
+from utils.models.encoders import build_image_encoder, build_text_encoder
+from utils.common.errors import fail
 
 CONFIG_NAME = "retrieval_config.json"
 WEIGHTS_NAME = "retrieval_model.safetensors"

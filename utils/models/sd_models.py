@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import fail
+from utils.common.errors import fail
 
 DEFAULT_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
 SD_COMPONENTS = ("unet", "vae", "text_encoder", "tokenizer", "scheduler")
@@ -33,7 +33,7 @@ def _not_found(name_or_path, what: str, err: Exception = None) -> Exception:
     return fail(
         f"could not load {what} from '{name_or_path}': looked for a local diffusers folder with model_index.json "
         f"and for a cached hub copy; download it once (e.g. `hf download {name_or_path} --local-dir <dir>`) "
-        f"and pass the folder, or build a tiny test model with `python -m utils.sd_models --output_dir <dir>`{detail}"
+        f"and pass the folder, or build a tiny test model with `python -m utils.models.sd_models --output_dir <dir>`{detail}"
     )
 
 
@@ -191,7 +191,7 @@ def build_tiny_sd(output_dir, resolution=32, text_encoder="tiny-clip", unet_chan
 
 
 def _main(argv=None):
-    """CLI: python -m utils.sd_models --output_dir DIR [--resolution 32] [--text_encoder tiny-clip|minilm]."""
+    """CLI: python -m utils.models.sd_models --output_dir DIR [--resolution 32] [--text_encoder tiny-clip|minilm]."""
     import argparse
 
     p = argparse.ArgumentParser(description="Build a tiny random-init Stable Diffusion folder.")

@@ -3,7 +3,7 @@ from pathlib import Path
 
 import torch
 
-from utils.errors import fail
+from utils.common.errors import fail
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 

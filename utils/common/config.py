@@ -6,8 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from .atomic_io import atomic_write_json
-from .errors import fail, redact_secrets
+from utils.common.atomic_io import atomic_write_json
+from utils.common.errors import fail, redact_secrets
 
 
 def add_config_argument(parser: argparse.ArgumentParser) -> None:
@@ -290,7 +290,7 @@ class _PaperFlag(argparse.Action):
                  **kw):
         super().__init__(option_strings, dest, **kw)
         self.kind, self.target, self.convert, self.message, self.allowed = kind, target, convert, message, allowed
-        self.paper_flag = True  # recipes may not set it (utils.config._recipe_actions)
+        self.paper_flag = True  # recipes may not set it (utils.common.config._recipe_actions)
 
     def __call__(self, parser, namespace, values, option_string=None):
         flag = option_string or self.option_strings[0]

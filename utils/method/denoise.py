@@ -21,7 +21,7 @@ def check_x0_estimable(scheduler, t_min: int, t_max: int, prediction_type: str =
     That is the last timestep of a scheduler with rescale_betas_zero_snr=True; v- and sample-prediction
     estimates stay finite there.
     """
-    from .errors import fail
+    from utils.common.errors import fail
 
     ptype = prediction_type or scheduler.config.prediction_type
     if ptype != "epsilon":

@@ -18,13 +18,13 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Sampler
 
-from .atomic_io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
-from .denoise import check_x0_estimable, diffusion_target, predicted_x0
-from .errors import fail
-from .precision import resolve_precision, weight_dtype as weight_dtype_of
-from .losses import GatheredEDGELosses, contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1
-from .seeding import derive_seed
-from .vae_latents import vae_decode, vae_encode
+from utils.common.atomic_io import append_jsonl, atomic_write_bytes, atomic_write_text, read_jsonl
+from utils.method.denoise import check_x0_estimable, diffusion_target, predicted_x0
+from utils.common.errors import fail
+from utils.common.precision import resolve_precision, weight_dtype as weight_dtype_of
+from utils.method.losses import GatheredEDGELosses, contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1
+from utils.common.seeding import derive_seed
+from utils.method.vae_latents import vae_decode, vae_encode
 
 LOG_NAME = "train_log.jsonl"
 LOSS_TERMS = ("loss", "contrastive", "diversity", "mse", "top1_i2t", "top1_t2i", "recon", "kl")
@@ -148,12 +148,12 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
     noise, timesteps: use these instead of drawing them from `generator` (tests: one global batch split
     over processes).
 
-    decoder: scaled latents -> pixels for the scorer (utils.cheap_decode.ScorerDecoder; default: the full
-    VAE decode). latent_dist: cached posterior (mean, std) of the batch (utils.latent_cache) used in place
+    decoder: scaled latents -> pixels for the scorer (utils.models.cheap_decode.ScorerDecoder; default: the full
+    VAE decode). latent_dist: cached posterior (mean, std) of the batch (utils.stages.latent_cache) used in place
     of encoding `pixel_values` (then None); the sample is drawn as the encoder's would be.
     """
     if latent_dist is not None:
-        from .latent_cache import sample_cached_latents
+        from utils.stages.latent_cache import sample_cached_latents
 
         device = latent_dist[0].device
         latents = sample_cached_latents(vae, latent_dist[0].to(weight_dtype), latent_dist[1].to(weight_dtype),
@@ -383,11 +383,11 @@ def train(args) -> Path:
     from diffusers.optimization import get_scheduler
     from tqdm.auto import tqdm
 
-    from .config import save_run_config
-    from .scorers import build_scorer
-    from .sd_models import encode_prompts, load_sd_components
-    from .seeding import set_cpu_threads
-    from .trainable_params import configure_trainable, count_parameters
+    from utils.common.config import save_run_config
+    from utils.models.scorers import build_scorer
+    from utils.models.sd_models import encode_prompts, load_sd_components
+    from utils.common.seeding import set_cpu_threads
+    from utils.method.trainable_params import configure_trainable, count_parameters
 
     check_output_dir(args)
     output_dir = Path(args.output_dir)
@@ -425,7 +425,7 @@ def train(args) -> Path:
                 if cfg.uses_scorer and args.gather_features and world > 1 else None)
     scorer_decoder = None
     if cfg.uses_scorer and (getattr(args, "scorer_decode", "full") != "full" or getattr(args, "tiny_vae", None)):
-        from .cheap_decode import build_scorer_decoder
+        from utils.models.cheap_decode import build_scorer_decoder
 
         scorer_decoder = build_scorer_decoder(args.scorer_decode, vae, scorer.image_size, args.tiny_vae,
                                               accelerator.device, weight_dtype)
@@ -479,7 +479,7 @@ def train(args) -> Path:
                                                               args.random_flip and not cache_latents))
     latent_cache = None
     if cache_latents:
-        from .latent_cache import CaptionOnlyDataset, build_latent_cache, check_cacheable
+        from utils.stages.latent_cache import CaptionOnlyDataset, build_latent_cache, check_cacheable
 
         check_cacheable(args.center_crop)
         accelerator.print(f"caching the VAE latents of {dataset.num_images} images"
@@ -492,7 +492,7 @@ def train(args) -> Path:
         raise fail(f"the training set has {len(dataset)} {dataset_unit(dataset)}, fewer than one batch of "
                    f"{args.train_batch_size} x {world} processes")
     sampler = EpochShuffleSampler(len(dataset), args.seed)
-    from .latent_cache import collate_captions
+    from utils.stages.latent_cache import collate_captions
 
     loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                         collate_fn=collate_captions if latent_cache is not None else collate,
@@ -648,7 +648,7 @@ def _register_hooks(accelerator, trainable: str) -> None:
             model = accelerator.unwrap_model(models[i])
             if accelerator.is_main_process:
                 if trainable == "lora":
-                    from .trainable_params import lora_state_dict
+                    from utils.method.trainable_params import lora_state_dict
 
                     StableDiffusionPipeline.save_lora_weights(out_dir, unet_lora_layers=lora_state_dict(model),
                                                               safe_serialization=True)
@@ -676,10 +676,10 @@ def save_final_model(args, unet, ema_unet, output_dir) -> Path:
     """Write the trained pipeline (DiffFit/full) or the LoRA weights (with the base named in run_config.json)."""
     from diffusers import StableDiffusionPipeline
 
-    from .sd_models import load_sd_pipeline
+    from utils.models.sd_models import load_sd_pipeline
 
     if args.trainable == "lora":
-        from .trainable_params import lora_state_dict
+        from utils.method.trainable_params import lora_state_dict
 
         StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=lora_state_dict(unet),
                                                   safe_serialization=True)
@@ -699,7 +699,7 @@ def _validate(accelerator, args, unet, ema_unet, vae, text_encoder, tokenizer, n
     if accelerator.is_main_process:
         import numpy as np
 
-        from .atomic_io import atomic_save_image
+        from utils.common.atomic_io import atomic_save_image
 
         if ema_unet is not None:
             ema_unet.store(unet.parameters())

@@ -2,7 +2,7 @@
 
 Determinism rules:
   * prompt i is drawn from the real train captions with a fixed RNG (one caption per distinct image);
-  * image i starts from latents drawn with its own generator `utils.seeding.item_generator(seed, i)`
+  * image i starts from latents drawn with its own generator `utils.common.seeding.item_generator(seed, i)`
     (a list of generators is passed to the pipeline, so batch neighbours never share noise);
   * prompt embeddings are computed one prompt at a time and cached, so they do not depend on batching;
   * work is split into fixed blocks of `batch_size` consecutive indices and block c is rendered by
@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic_io import atomic_save_image, check_output_dir
-from .errors import fail
-from .seeding import item_generator
+from utils.common.atomic_io import atomic_save_image, check_output_dir
+from utils.common.errors import fail
+from utils.common.seeding import item_generator
 
 # name -> (diffusers scheduler class, config overrides); "default" keeps the model's own scheduler.
 SCHEDULERS = {
@@ -119,7 +119,7 @@ def set_scheduler(pipe, name: str):
 def load_sampling_pipeline(model, dtype: str = "no", scheduler: str = "default", lora_weights=None,
                            device="cpu", channels_last: bool = False, attention: str = "sdpa"):
     """Load a StableDiffusionPipeline for sampling: dtype, scheduler, optional LoRA, memory format, attention."""
-    from .sd_models import load_sd_pipeline
+    from utils.models.sd_models import load_sd_pipeline
 
     if dtype not in DTYPES:
         raise fail(f"unknown dtype {dtype!r}; choose from {', '.join(DTYPES)}")
@@ -448,7 +448,7 @@ def convert_legacy(legacy_dir, output_dir, overwrite: bool = False, preview_n: i
         rel = image_relpath(new, "png")
         atomic_save_image(output_dir / rel, load_image(images[old]), format="PNG")
         records.append({"image": rel, "captions": [text]})
-    from .config import code_version
+    from utils.common.config import code_version
 
     write_manifest(output_dir, {"stage": "sampling", "status": "in_progress", "prompt_source": "legacy layout",
                                 **settings, **(manifest or {}), "code_version": code_version()})
@@ -481,8 +481,8 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
 
     from dataset.distilled import write_manifest
 
-    from .config import code_version
-    from .seeding import set_cpu_threads
+    from utils.common.config import code_version
+    from utils.common.seeding import set_cpu_threads
 
     state = PartialState()
     if state.device.type == "cpu":
@@ -514,7 +514,7 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
         "negative_prompt": negative_prompt or None,
         "seed": int(seed),
         "seed_rule": "image i starts from latents drawn with torch.Generator(cpu) seeded by "
-                     "utils.seeding.derive_seed(seed, i)",
+                     "utils.common.seeding.derive_seed(seed, i)",
         "height": int(height),
         "width": int(width),
         "dtype": dtype,

@@ -14,8 +14,8 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset.images import load_image
-from utils.atomic_io import atomic_torch_save
-from utils.errors import fail
+from utils.common.atomic_io import atomic_torch_save
+from utils.common.errors import fail
 
 from .backend import CaptionBackend
 from .cleaning import caption_key
@@ -53,7 +53,7 @@ def rank_pool(sims: torch.Tensor, pool: list, prompt: str, n: int) -> list:
 
 
 class RetrievalBackend(CaptionBackend):
-    """Nearest real captions under a frozen image-text scorer (`utils.scorers` spec)."""
+    """Nearest real captions under a frozen image-text scorer (`utils.models.scorers` spec)."""
 
     name = "retrieval"
     strip_boilerplate = False  # human captions are kept as they are
@@ -85,7 +85,7 @@ class RetrievalBackend(CaptionBackend):
         return {"backend": self.name, "scorer": self.scorer_spec, "pool_hash": self.pool_hash}
 
     def setup(self) -> None:
-        from utils.scorers import build_scorer
+        from utils.models.scorers import build_scorer
 
         self.scorer = build_scorer(self.scorer_spec, caption_device())
         self.text_features = self._pool_features()

@@ -1,8 +1,8 @@
 """Text-only paraphrase backend: an instruction model rewrites each prompt with other wording."""
 import torch
 
-from utils.errors import fail
-from utils.seeding import derive_seed
+from utils.common.errors import fail
+from utils.common.seeding import derive_seed
 
 from .backend import SampledModelBackend, generate_in_batches
 from .hf_models import caption_device, load_pretrained, resolve_dtype

@@ -2,7 +2,7 @@
 import torch
 
 from dataset.images import load_image
-from utils.seeding import derive_seed
+from utils.common.seeding import derive_seed
 
 from .backend import SampledModelBackend, generate_in_batches
 from .hf_models import caption_device, load_pretrained, resolve_dtype

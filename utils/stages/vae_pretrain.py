@@ -9,9 +9,9 @@ from pathlib import Path
 
 import torch
 
-from .atomic_io import append_jsonl, atomic_save_image
-from .errors import fail
-from .precision import resolve_precision
+from utils.common.atomic_io import append_jsonl, atomic_save_image
+from utils.common.errors import fail
+from utils.common.precision import resolve_precision
 
 
 def vae_loss(vae, pixels, kl_weight: float, generator=None) -> dict:
@@ -45,10 +45,10 @@ def pretrain_vae(args) -> Path:
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
-    from .config import save_run_config
-    from .sd_models import load_sd_components, load_sd_pipeline
-    from .seeding import set_cpu_threads
-    from .training import (EpochShuffleSampler, build_train_dataset, build_train_transform, check_output_dir,
+    from utils.common.config import save_run_config
+    from utils.models.sd_models import load_sd_components, load_sd_pipeline
+    from utils.common.seeding import set_cpu_threads
+    from utils.stages.training import (EpochShuffleSampler, build_train_dataset, build_train_transform, check_output_dir,
                            collate, plot_loss_curves)
 
     check_output_dir(args)

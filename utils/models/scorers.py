@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .errors import fail
+from utils.common.errors import fail
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -164,13 +164,13 @@ class HFClipScorer(Scorer):
 
 
 class RetrievalScorer(Scorer):
-    """This project's retrieval model (evaluation.retrieval_model): image encoder + text encoder/head."""
+    """This project's retrieval model (utils.models.retrieval_model): image encoder + text encoder/head."""
 
     def __init__(self, folder: str, device="cpu", dtype=torch.float32):
         super().__init__(device, torch.float32)  # small model: kept in fp32 whatever the run's weight dtype
         if not Path(folder).exists():
             raise fail(f"retrieval model folder not found: {folder}")
-        from evaluation.retrieval_model import load_retrieval_model
+        from utils.models.retrieval_model import load_retrieval_model
 
         self.model, self.text_encoder, preprocess = load_retrieval_model(folder, device)
         self.image_size, self.mean, self.std = _size_mean_std(preprocess)
@@ -237,7 +237,7 @@ def build_tiny_hf_clip(output_dir, image_size: int = 32, patch_size: int = 8, hi
     """Save a random-init transformers CLIPModel with the MiniLM WordPiece tokenizer (tests, offline demo)."""
     from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
 
-    from .sd_models import minilm_path
+    from utils.models.sd_models import minilm_path
 
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())

@@ -10,7 +10,7 @@ import os
 import threading
 from concurrent.futures import ThreadPoolExecutor, as_completed
 
-from utils.errors import fail, redact_secrets
+from utils.common.errors import fail, redact_secrets
 
 from .backend import CaptionBackend
 

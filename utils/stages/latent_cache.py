@@ -12,9 +12,9 @@ with a seeded draw.
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .errors import fail
-from .seeding import derive_seed
-from .vae_latents import scale_latents
+from utils.common.errors import fail
+from utils.common.seeding import derive_seed
+from utils.method.vae_latents import scale_latents
 
 
 class LatentCache:

@@ -94,7 +94,7 @@ def check_output_dir(path, flag: str = "--output_dir") -> None:
     One-line InputError when `path` is a file, sits below a file, or its nearest existing folder is not
     writable. Nothing is created. The one such check: every stage script calls it.
     """
-    from .errors import fail
+    from utils.common.errors import fail
 
     path = Path(path)
     if path.exists() and not path.is_dir():

@@ -9,9 +9,9 @@ from tqdm import tqdm
 
 from dataset.distilled import is_distilled_set, read_distilled_set, write_distilled_set
 from dataset.images import load_image
-from utils.atomic_io import atomic_write_bytes
-from utils.config import code_version
-from utils.errors import InputError, fail, run_cli
+from utils.common.atomic_io import atomic_write_bytes
+from utils.common.config import code_version
+from utils.common.errors import InputError, fail, run_cli
 
 from .backend import CaptionRequest
 from .cache import CACHE_FILE, CaptionCache, settings_key

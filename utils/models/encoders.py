@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 
-from .errors import fail
+from utils.common.errors import fail
 
 _HUB_HINT = ("no network here: pass a local folder written by save_pretrained, or fill the Hugging Face "
              "cache (HF_HOME) on a machine with network first")

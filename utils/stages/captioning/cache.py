@@ -8,8 +8,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from utils.atomic_io import append_jsonl, check_output_dir, read_jsonl
-from utils.errors import fail
+from utils.common.atomic_io import append_jsonl, check_output_dir, read_jsonl
+from utils.common.errors import fail
 
 CACHE_FILE = "caption_cache/captions.jsonl"
 
