@@ -103,7 +103,7 @@ def main(args):
     tmp = None
     model = args.model
     if model is None:
-        from utils.models.sd_models import build_tiny_sd
+        from utils.models.tiny import build_tiny_sd
 
         tmp = tempfile.TemporaryDirectory()
         model = build_tiny_sd(f"{tmp.name}/tiny", resolution=32)

@@ -221,9 +221,9 @@ def measure_decode_errors(args) -> dict:
 
 def _build_default_models(args, tmp: Path) -> None:
     """Fill --model, --scorer and --tiny_vae with tiny random models of SD's proportions."""
-    from utils.models.cheap_decode import build_tiny_autoencoder
-    from utils.models.scorers import build_tiny_hf_clip
-    from utils.models.sd_models import build_tiny_sd
+    from utils.models.tiny import build_tiny_autoencoder
+    from utils.models.tiny import build_tiny_hf_clip
+    from utils.models.tiny import build_tiny_sd
 
     if args.model is None:
         args.model = str(build_tiny_sd(tmp / "sd", resolution=args.resolution, vae_channels=(32, 64, 64),

@@ -148,7 +148,7 @@ def drop_vae_attention(pipeline_dir) -> int:
 def init_model(out_dir, data_dir, unet_channels=(64, 128, 128), text_encoder_layers: int = 2,
                keep_vocab_below: int = 1996, seed: int = 0, vae_channels=(32, 64)) -> Path:
     """Step 1: tiny random-init SD with the shrunk MiniLM and an attention-free VAE, saved to `out_dir`."""
-    from utils.models.sd_models import build_tiny_sd
+    from utils.models.tiny import build_tiny_sd
 
     out_dir = Path(out_dir)
     if out_dir.exists():

@@ -13,7 +13,7 @@ from dataset.distilled import read_distilled_set, write_distilled_set
 from utils.common.atomic_io import read_jsonl
 from utils.stages.captioning.cache import CACHE_FILE
 from utils.stages.captioning.cleaning import caption_key
-from utils.stages.captioning.tiny_models import build_tiny_llama, build_tiny_llava
+from utils.models.tiny import build_tiny_llama, build_tiny_llava
 from utils.common.errors import InputError
 
 

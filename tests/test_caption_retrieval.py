@@ -10,6 +10,7 @@ import utils.models.scorers as scorers
 from dataset.distilled import read_distilled_set, write_distilled_set
 from utils.stages.captioning.retrieval import rank_pool
 from utils.common.errors import InputError
+from utils.models.tiny import build_tiny_hf_clip
 
 POOL = ["a red circle", "A red circle.", "one red square", "a red red and blue square", "a red and green circle",
         "a green circle", "a blue circle", "a green green and blue square"]
@@ -85,7 +86,7 @@ def test_retrieval_picks_the_highest_ranked_real_captions(tmp_path, monkeypatch)
 
 
 def test_retrieval_with_tiny_clip_caches_pool_features_and_extends_cpi(tmp_path, monkeypatch):
-    clip = scorers.build_tiny_hf_clip(tmp_path / "clip")
+    clip = build_tiny_hf_clip(tmp_path / "clip")
     ann = make_pool(tmp_path / "pool")
     src = make_set(tmp_path / "set")
     base = ["--input_dir", str(src), "--inplace", "--dataset", "karpathy", "--ann_root", str(ann),

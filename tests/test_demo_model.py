@@ -45,7 +45,7 @@ def test_shipped_model_loads_through_the_real_loader_and_generates_32px():
 
 @pytest.fixture(scope="module")
 def tiny_minilm_sd(tmp_path_factory):
-    from utils.models.sd_models import build_tiny_sd
+    from utils.models.tiny import build_tiny_sd
 
     root = tmp_path_factory.mktemp("shrink")
     data = root / "data"
@@ -81,7 +81,7 @@ def test_caption_tokens_need_annotation_files(tmp_path):
     from transformers import AutoTokenizer
 
     from demo.build_demo_model import caption_token_ids
-    from utils.models.sd_models import minilm_path
+    from utils.models.encoders import minilm_path
 
     tok = AutoTokenizer.from_pretrained(minilm_path())
     with pytest.raises(InputError, match="no annotation files"):

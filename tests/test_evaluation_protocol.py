@@ -14,7 +14,7 @@ from evaluation.train_retrieval import (EvalSplit, TrainConfig, TrainSet, encode
                                         resize_to_uint8, train_retrieval)
 from utils.common.errors import InputError
 
-from test_encoders import save_tiny_bert, save_tiny_nfnet
+from utils.models.tiny import save_tiny_bert, save_tiny_nfnet
 
 PRE = {"size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 

@@ -13,7 +13,7 @@ import utils.stages.sampling as sampling  # noqa: E402
 from dataset.distilled import read_distilled_set  # noqa: E402
 from edge_diffusion_sampling import main, parse_args  # noqa: E402
 from utils.common.errors import InputError  # noqa: E402
-from utils.models.sd_models import build_tiny_sd  # noqa: E402
+from utils.models.tiny import build_tiny_sd
 from utils.common.seeding import item_generator  # noqa: E402
 
 STEPS = "3"

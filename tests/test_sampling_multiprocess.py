@@ -11,7 +11,7 @@ import torch
 
 from dataset.distilled import read_distilled_set
 from edge_diffusion_sampling import main, parse_args
-from utils.models.sd_models import build_tiny_sd
+from utils.models.tiny import build_tiny_sd
 
 ROOT = Path(__file__).resolve().parent.parent
 

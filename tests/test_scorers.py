@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from utils.common.errors import InputError
-from utils.models.scorers import build_scorer, build_tiny_hf_clip
+from utils.models.scorers import build_scorer
+from utils.models.tiny import build_tiny_hf_clip
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 

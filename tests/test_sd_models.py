@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from utils.common.errors import InputError
-from utils.models.sd_models import build_tiny_sd, load_sd_components, load_sd_pipeline
+from utils.models.sd_models import load_sd_components, load_sd_pipeline
+from utils.models.tiny import build_tiny_sd
 
 
 @pytest.fixture(scope="module")

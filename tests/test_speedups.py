@@ -6,8 +6,8 @@ import os
 import pytest
 import torch
 
-from utils.models.cheap_decode import (ScorerDecoder, build_scorer_decoder, build_tiny_autoencoder, decode_error,
-                                load_tiny_vae, reduced_latent_size, vae_upsampling_factor)
+from utils.models.cheap_decode import ScorerDecoder, build_scorer_decoder, decode_error, load_tiny_vae, reduced_latent_size, vae_upsampling_factor
+from utils.models.tiny import build_tiny_autoencoder
 from utils.common.errors import InputError
 from utils.stages.latent_cache import (CaptionOnlyDataset, LatentCache, build_latent_cache, posterior_mean_std,
                                 sample_cached_latents)
@@ -18,8 +18,10 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
-    from utils.models.scorers import build_scorer, build_tiny_hf_clip
-    from utils.models.sd_models import build_tiny_sd, encode_prompts, load_sd_components
+    from utils.models.scorers import build_scorer
+    from utils.models.tiny import build_tiny_hf_clip
+    from utils.models.sd_models import encode_prompts, load_sd_components
+    from utils.models.tiny import build_tiny_sd
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("speedups")

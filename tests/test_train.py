@@ -17,8 +17,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from dataset.procedural import ProceduralSpec, generate_procedural_dataset
-    from utils.models.scorers import build_tiny_hf_clip
-    from utils.models.sd_models import build_tiny_sd
+    from utils.models.tiny import build_tiny_hf_clip
+    from utils.models.tiny import build_tiny_sd
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("train_assets")
@@ -299,7 +299,7 @@ def test_moving_average_is_trailing_mean():
 
 
 def test_epsilon_zero_snr_model_is_refused_before_training(assets, tmp_path):
-    from utils.models.sd_models import build_tiny_sd
+    from utils.models.tiny import build_tiny_sd
 
     sd = build_tiny_sd(tmp_path / "sd_zero_snr", prediction_type="epsilon", zero_snr=True)
     argv = _argv(assets, tmp_path / "out", "--train_batch_size", "2", "--max_train_steps", "2")

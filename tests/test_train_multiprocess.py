@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent
 @pytest.fixture(scope="module")
 def assets(tmp_path_factory):
     from dataset.procedural import ProceduralSpec, generate_procedural_dataset
-    from utils.models.scorers import build_tiny_hf_clip
-    from utils.models.sd_models import build_tiny_sd
+    from utils.models.tiny import build_tiny_hf_clip
+    from utils.models.tiny import build_tiny_sd
 
     torch.set_num_threads(1)
     root = tmp_path_factory.mktemp("mp_assets")

@@ -4,7 +4,7 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from utils.common.errors import InputError
-from utils.models.sd_models import tiny_unet_config
+from utils.models.tiny import tiny_unet_config
 from utils.method.trainable_params import configure_trainable, difffit_parameter_names, lora_state_dict
 
 

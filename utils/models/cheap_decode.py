@@ -100,24 +100,6 @@ def build_scorer_decoder(mode: str, vae, scorer_size, tiny_vae_path=None, device
     return ScorerDecoder(vae, mode, scorer_size, tiny)
 
 
-def build_tiny_autoencoder(output_dir, latent_channels: int = 4, upsamplings: int = 3, channels: int = 16,
-                           taesd_layout: bool = False, seed: int = 0) -> Path:
-    """Save a random-init AutoencoderTiny with `upsamplings` x2 steps (tests and benchmarks only).
-
-    taesd_layout: TAESD's block counts (decoder 3,...,3,1; encoder 1,3,...,3) instead of one block per stage.
-    """
-    from diffusers import AutoencoderTiny
-
-    torch.manual_seed(seed)
-    n = upsamplings + 1
-    blocks = (channels,) * n
-    enc, dec = ((1,) + (3,) * upsamplings, (3,) * upsamplings + (1,)) if taesd_layout else ((1,) * n, (1,) * n)
-    tiny = AutoencoderTiny(latent_channels=latent_channels, encoder_block_out_channels=blocks,
-                           decoder_block_out_channels=blocks, num_encoder_blocks=enc, num_decoder_blocks=dec)
-    tiny.save_pretrained(output_dir)
-    return Path(output_dir)
-
-
 @torch.no_grad()
 def decode_error(decoder: ScorerDecoder, latents: torch.Tensor, scorer=None) -> dict:
     """How far a cheap decode is from the full one, as the scorer sees it.

