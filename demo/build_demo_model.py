@@ -179,6 +179,33 @@ def export_fp16(model_dir, output_dir) -> int:
     return sum(f.stat().st_size for f in output_dir.rglob("*") if f.is_file())
 
 
+def pipeline_from_checkpoint(checkpoint, base_model, output_dir, use_ema: bool = True) -> Path:
+    """A loadable pipeline folder from a training checkpoint: `base_model`'s VAE/text encoder + the checkpoint's UNet.
+
+    With `use_ema` the EMA weights (accelerate's custom_checkpoint_0.pkl, written with --use_ema) replace the
+    raw ones, as the final export does. Used to measure prompt following along a long pre-training.
+    """
+    from diffusers import UNet2DConditionModel
+    from diffusers.training_utils import EMAModel
+
+    from utils.models.sd_models import load_sd_pipeline
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "unet").is_dir():
+        raise fail(f"{checkpoint} holds no unet/ folder (not a full/DiffFit training checkpoint)")
+    unet = UNet2DConditionModel.from_pretrained(checkpoint / "unet")
+    ema_file = checkpoint / "custom_checkpoint_0.pkl"
+    if use_ema:
+        if not ema_file.is_file():
+            raise fail(f"{ema_file} not found: the run was not trained with --use_ema (pass use_ema=False)")
+        ema = EMAModel(unet.parameters(), model_cls=UNet2DConditionModel, model_config=unet.config)
+        ema.load_state_dict(torch.load(ema_file, map_location="cpu", weights_only=False))
+        ema.copy_to(unet.parameters())
+    pipe = load_sd_pipeline(str(base_model), unet=unet)
+    pipe.save_pretrained(output_dir)
+    return Path(output_dir)
+
+
 def _run(cmd) -> None:
     cmd = [str(c) for c in cmd]
     print("[build] " + " ".join(cmd[1:]), flush=True)

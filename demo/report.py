@@ -68,6 +68,31 @@ def _prompt_following(args, info) -> dict:
                    vae_model=info["base_model"])
 
 
+def _eval_size(results: dict) -> str:
+    """The evaluation input size recorded in the results (all rows use the same)."""
+    sizes = {v.get("image_size") for v in results.values() if v}
+    return "/".join(str(x) for x in sorted(sizes, key=str)) or "?"
+
+
+def _prompt_rank(args, info) -> dict:
+    """Share of images whose own prompt an independent retrieval model (not the EDGE scorer) ranks first of 100."""
+    from demo.prompt_rank import measure_prompt_rank, real_test_items
+
+    judge = info.get("judge_model")
+    if not judge or not (Path(judge) / "retrieval_model.safetensors").is_file():
+        return {}
+    dataset, ann_root = ("karpathy", args.data) if args.data else ("procedural", info["data_dir"])
+    real = real_test_items(dataset, ann_root, args.images, n=300)
+    sets = {"samples before EDGE": info["sets"] / "sd_before_edge", "samples after EDGE": info["sets"] / "edge_cpi1"}
+    return measure_prompt_rank(f"retrieval:{judge}", sets, real, block=min(100, args.num_images))
+
+
+def image_steps(result: dict) -> str:
+    """Training images seen per seed (epochs x images of the training set), '?' when not recorded."""
+    n = (result.get("train_set") or {}).get("n_images")
+    return "?" if n is None else str(int(n) * int(result["config"]["epochs"]))
+
+
 def reading(results: dict, follow: dict, seeds: int = 3) -> list:
     """Short plain statements derived from the measured numbers (no number is invented here)."""
     r = {k: v["summary"]["r_mean"]["mean"] for k, v in results.items() if v}
@@ -84,6 +109,11 @@ def reading(results: dict, follow: dict, seeds: int = 3) -> list:
         return f"{ROW_LABELS[a]} is {word} {ROW_LABELS[b]} by {abs(d):.1f} r_mean points" + \
             ("" if sig or seeds == 1 else " (within one std of each other: not a clear difference)")
 
+    if "full_real" in r and "random_100" in r and r["full_real"] <= r["random_100"]:
+        lines.append("FAILED MEASUREMENT: the full real set, the ceiling of this table and the EDGE scorer, scores "
+                     f"{r['full_real']:.1f} r_mean, not above the {r['random_100']:.1f} of the random pairs. It was "
+                     "not trained long enough (see its image steps), so neither the ceiling nor the EDGE rows, "
+                     "whose scorer it is, can be read; rerun with a larger --full_epochs.")
     for a, b in (("full_real", "random_100"), ("edge_cpi1", "sd_before_edge"), ("edge_cpi2", "edge_cpi1"),
                  ("edge_cpi2", "random_100")):
         c = cmp(a, b)
@@ -143,6 +173,7 @@ def write_report(args, info: dict) -> Path:
             curves.append((name, dst.name))
 
     follow = _prompt_following(args, info) if info["data_dir"] else {}
+    rank = _prompt_rank(args, info)
     results = {k: _load_results(out / "eval" / k) for k in ROW_LABELS}
     for k, v in results.items():
         if v and (out / "eval" / k / "r_mean.png").is_file():
@@ -168,17 +199,28 @@ def write_report(args, info: dict) -> Path:
               "caption names the background). The VAE round trip (encode, decode) of real images is the ceiling "
               "of any sample of this latent generator. The classifier is independent of the EDGE scorer.", "",
               markdown_table(follow), ""]
+    if rank:
+        from demo.prompt_following import format_share
+
+        block = min(100, args.num_images)
+        L += ["## Own prompt ranked first", "",
+              f"Share of images whose own prompt a retrieval model ranks first among the prompts of {block} images "
+              f"(chance {100 / block:.0f} %), with its 95 % Wilson interval. The judge is the full-set model of seed "
+              f"{args.seed + 1}, trained independently of the EDGE scorer (seed {args.seed}).", "",
+              "| images | own prompt first % | n |", "|---|---|---|"]
+        L += [f"| {k} | {format_share(v)} | {v['n']} |" for k, v in rank.items()] + [""]
     sel = next((v["selection"] for v in results.values() if v and "selection" in v), "last epoch")
     sel = sel.get("label", sel.get("rule")) if isinstance(sel, dict) else sel
     L += ["## Retrieval on the real test split", "",
           f"Retrieval model trained only on each set, mean ± std over {args.seeds} seeds; model selection: "
-          f"{sel}.", "",
-          "| training set | epochs | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean |",
-          "|---|---|---|---|---|---|---|---|---|"]
+          f"{sel}; images at {_eval_size(results)} px (the data's own size, at most 64 px).", "",
+          "| training set | epochs | image steps | IR@1 | IR@5 | IR@10 | TR@1 | TR@5 | TR@10 | r_mean |",
+          "|---|---|---|---|---|---|---|---|---|---|"]
     for k, label in ROW_LABELS.items():
         v = results.get(k)
         if v:
             L.append(f"| {label if k != 'random_100' else f'{args.num_images} {label}'} | {v['config']['epochs']} | "
+                     f"{image_steps(v)} | "
                      + " | ".join(fmt(v["summary"], m) for m in METRICS) + " |")
     L += ["", "The full real set is trained for fewer epochs (it has many more images per epoch); its first "
           "seed's model is also the scorer that EDGE fine-tuning and the retrieval caption backend use.", ""]
@@ -190,6 +232,6 @@ def write_report(args, info: dict) -> Path:
     L.append("")
     report = out / "report.md"
     atomic_write_text(report, "\n".join(L))
-    atomic_write_json(out / "report.json", {"prompt_following": follow, "times_s": info["times"],
+    atomic_write_json(out / "report.json", {"prompt_following": follow, "prompt_rank": rank, "times_s": info["times"],
                                             "r_mean": {k: v["summary"]["r_mean"] for k, v in results.items() if v}})
     return report

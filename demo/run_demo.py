@@ -12,6 +12,7 @@ Usage:
 """
 import argparse
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -40,8 +41,9 @@ def parse_args(argv=None):
     p.add_argument("--num_images", type=int, default=100, help="Size of the distilled set")
     p.add_argument("--seeds", type=int, default=3, help="Evaluation seeds per training set")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--full_epochs", type=int, default=2,
-                   help="Epochs of the full-real-set evaluation (whose seed-0 model is also the EDGE scorer)")
+    p.add_argument("--full_epochs", type=int, default=None,
+                   help="Epochs of the full-real-set evaluation (whose seed-0 model is also the EDGE scorer); default: "
+                        "enough that it sees at least as many images as the --num_images rows (full_set_epochs)")
     p.add_argument("--quick", action="store_true",
                    help="A much smaller configuration of the same pipeline (the end-to-end test)")
     p.add_argument("--data_config", default="configs/demo_data.yaml")
@@ -165,6 +167,32 @@ def quick_overrides(args, stage: str) -> list:
     }[stage]
 
 
+def full_set_epochs(n_train: int, n_small: int, small_epochs: int, minimum: int = 2) -> int:
+    """Epochs for the full real set so that it trains on at least as many images as a small row.
+
+    The full row is the ceiling of every comparison: with fewer image steps than the n_small-image rows
+    (n_small x small_epochs) it is no ceiling (on a 1,000-image set, 2 epochs gave it 2,000 image steps
+    against 3,000, and r_mean below the random rows).
+    """
+    return max(minimum, math.ceil(n_small * small_epochs / max(1, n_train)))
+
+
+def _full_epochs(args, dflags) -> int:
+    """--full_epochs, or full_set_epochs from the training split's size and the eval recipe's epochs."""
+    if args.full_epochs:
+        return args.full_epochs
+    from dataset.karpathy import group_by_image
+    from dataset.registry import load_split
+    from utils.common.config import load_recipe
+
+    dataset, ann_root = dflags[1], dflags[3]
+    n_train = len(group_by_image(load_split(dataset, "train", ann_root, args.images, check_images=False)))
+    small_epochs = int(load_recipe(args.eval_config).get("epochs", 30))
+    if args.quick:
+        small_epochs = 2
+    return full_set_epochs(n_train, args.num_images, small_epochs)
+
+
 def run_pipeline(args) -> dict:
     """Run (or resume) every stage; returns paths and wall times for the report."""
     out = Path(args.output_dir).resolve()
@@ -186,7 +214,7 @@ def run_pipeline(args) -> dict:
     scorer_root = out / "scorer"
     scorer_dir = scorer_root / f"seed_{args.seed}" if args.seeds > 1 else scorer_root
     times["evaluation (full_real) + scorer"] = run_eval(
-        runner, args, dflags, "full_real", ["--baseline", "full", "--epochs", args.full_epochs,
+        runner, args, dflags, "full_real", ["--baseline", "full", "--epochs", _full_epochs(args, dflags),
                                             "--save_model_dir", scorer_root], out, results_table,
         extra_check=lambda: (scorer_dir / "retrieval_model.safetensors").is_file())
 
@@ -236,14 +264,35 @@ def run_pipeline(args) -> dict:
     for name, inputs in eval_inputs.items():
         times[f"evaluation ({name})"] = run_eval(runner, args, dflags, name, inputs, out, results_table)
     return {"output_dir": out, "data_dir": None if args.data else data_dir, "base_model": base,
+            "judge_model": scorer_root / f"seed_{args.seed + 1}" if args.seeds > 1 else None,
             "used_shipped_model": use_shipped, "edge_model": edge_dir, "sets": sets, "times": times}
+
+
+MAX_EVAL_SIZE = 64  # own data is evaluated at its own size up to this (the encoder's 224 px is ~12x slower)
+
+
+def eval_image_size(args) -> int:
+    """Evaluation input size of the demo: own data at its test images' size, capped at MAX_EVAL_SIZE.
+
+    None for the procedural set (the evaluator already uses its native size).
+    """
+    if not args.data:
+        return None
+    from dataset.images import load_image
+    from dataset.registry import load_split, resolve_split
+
+    _, root = resolve_split("karpathy", "test", args.data, args.images)
+    first = load_split("karpathy", "test", args.data, args.images, check_images=False)[0]
+    return min(max(load_image(Path(root) / first["image"]).size), MAX_EVAL_SIZE)
 
 
 def run_eval(runner, args, dflags, name, inputs, out, results_table, extra_check=lambda: True) -> float:
     """One stage-4 evaluation (all seeds) of a training set into out/eval/<name>."""
     folder = out / "eval" / name
+    size = eval_image_size(args)
     return runner.run(f"eval_{name}", _python("evaluation.evaluation") + [
         "--config", args.eval_config, *dflags, *inputs, "--seeds", args.seeds, "--seed", args.seed,
+        *(["--image_size", size] if size else []),
         "--run_name", name, "--output_dir", folder, "--results_table", results_table, "--overwrite",
         "--no_progress"] + quick_overrides(args, "eval"), lambda: _has_results(folder) and extra_check())
 

@@ -70,3 +70,26 @@ def test_report_reading_follows_the_numbers():
     assert any("within one std" in x for x in close) and not any("loses" in x for x in close)
     single = reading({"random_100": res(10.0, 0.0), "edge_cpi2": res(11.0, 0.0)}, {}, 1)
     assert single[0].startswith("One seed") and not any("within one std" in x for x in single)
+
+
+def test_full_set_epochs_make_the_ceiling_see_at_least_the_small_rows_images():
+    from demo.run_demo import full_set_epochs
+
+    assert full_set_epochs(4000, 100, 30) == 2          # 8,000 image steps >= 3,000 (the minimum of 2 holds)
+    assert full_set_epochs(1000, 100, 30) == 3          # 2 epochs would be 2,000 < 3,000
+    assert full_set_epochs(700, 100, 30) == 5           # ceil(3000 / 700)
+    assert full_set_epochs(0, 100, 30) == 3000          # an empty split does not divide by zero
+
+
+def test_report_flags_a_ceiling_below_its_floor_and_prints_image_steps():
+    from demo.report import image_steps, reading
+
+    def res(mean, std):
+        return {"summary": {"r_mean": {"mean": mean, "std": std}}}
+
+    lines = reading({"random_100": res(10.3, 0.5), "full_real": res(5.2, 2.1)}, {}, 3)
+    assert lines[0].startswith("FAILED MEASUREMENT") and "5.2" in lines[0] and "10.3" in lines[0]
+    ok = reading({"random_100": res(10.3, 0.5), "full_real": res(60.0, 2.1)}, {}, 3)
+    assert not any("FAILED" in x for x in ok)
+    assert image_steps({"train_set": {"n_images": 1012}, "config": {"epochs": 2}}) == "2024"
+    assert image_steps({"config": {"epochs": 2}}) == "?"
