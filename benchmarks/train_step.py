@@ -122,51 +122,39 @@ def run_variant(args) -> dict:
 
     import torch
 
-    from utils.models.cheap_decode import build_scorer_decoder
-    from utils.stages.latent_cache import posterior_mean_std
-    from utils.models.scorers import build_scorer
-    from utils.models.sd_models import encode_prompts, load_sd_components
+    from utils.common.precision import weight_dtype
     from utils.common.seeding import set_cpu_threads
-    from utils.method.trainable_params import configure_trainable
-    from utils.stages.training import EDGELossConfig, edge_losses
+    from utils.method.edge_step import EDGELossConfig, edge_losses
+    from utils.method.vae_latents import posterior_mean_std
+    from utils.models.sd_models import encode_prompts
+    from utils.stages.train_setup import prepare_models
 
     edge, decode, cached, ckpt, channels_last = VARIANTS[args.variant]
     set_cpu_threads(args.threads)
     device = torch.device(args.device)
-    dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(args.mixed_precision, torch.float32)
-    comps = load_sd_components(args.model)
-    for m in (comps.vae, comps.text_encoder):
-        m.requires_grad_(False)
-        m.to(device, dtype=dtype).eval()
-    params = configure_trainable(comps.unet, args.trainable)
-    comps.unet.to(device).train()
-    if ckpt:
-        comps.unet.enable_gradient_checkpointing()
-        comps.vae.enable_gradient_checkpointing()
-    if channels_last:
-        comps.unet.to(memory_format=torch.channels_last)
-        comps.vae.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(params, lr=1e-3)
+    dtype = weight_dtype(args.mixed_precision)
     cfg = EDGELossConfig(lambda_contrastive=1.0 if edge else 0.0, lambda_diversity=1.0 if edge else 0.0,
                          lambda_mse=args.lambda_mse if edge else 1.0)
-    cfg.t_max = comps.noise_scheduler.config.num_train_timesteps - 1
-    scorer = build_scorer(args.scorer, device, dtype) if edge else None
-    decoder = (build_scorer_decoder(decode, comps.vae, scorer.image_size, args.tiny_vae, device, dtype)
-               if edge and decode != "full" else None)
-    if decoder is not None and decoder.tiny_vae is not None and ckpt:
-        decoder.tiny_vae.enable_gradient_checkpointing()
+    # The training stage's own model setup (load, freeze, trainable set, scorer, decoder, memory options).
+    setup = argparse.Namespace(pretrained_model_name_or_path=args.model, t_min=0, t_max=None, scorer=args.scorer,
+                               scorer_decode=decode, tiny_vae=args.tiny_vae if decode == "tiny" else None,
+                               trainable=args.trainable, lora_rank=4, gradient_checkpointing=ckpt,
+                               channels_last=channels_last, compile=False)
+    m = prepare_models(setup, cfg, device, dtype)
+    m.unet.train()
+    optimizer = torch.optim.SGD(m.params, lr=1e-3)
     g = torch.Generator().manual_seed(0)
     pixels = (torch.rand(args.batch_size, 3, args.resolution, args.resolution, generator=g) * 2 - 1).to(device)
     captions = [f"a photo number {i}" for i in range(args.batch_size)]
     with torch.no_grad():
-        hidden = encode_prompts(comps.text_encoder, comps.tokenizer, captions, device)
-    latent_dist = posterior_mean_std(comps.vae, pixels) if cached else None  # encoded once, outside the timing
+        hidden = encode_prompts(m.text_encoder, m.tokenizer, captions, device)
+    latent_dist = posterior_mean_std(m.vae, pixels) if cached else None  # encoded once, outside the timing
 
     def step(seed):
         with torch.autocast(device.type, dtype=dtype) if dtype != torch.float32 else contextlib.nullcontext():
-            out = edge_losses(comps.unet, comps.vae, comps.noise_scheduler, scorer, None if cached else pixels,
+            out = edge_losses(m.unet, m.vae, m.noise_scheduler, m.scorer, None if cached else pixels,
                               captions, hidden, cfg, torch.Generator().manual_seed(seed), dtype,
-                              decoder=decoder, latent_dist=latent_dist)
+                              decoder=m.decoder, latent_dist=latent_dist)
         out["loss"].backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -203,7 +191,7 @@ def measure_decode_errors(args) -> dict:
     from utils.models.scorers import build_scorer
     from utils.models.sd_models import load_sd_components
     from utils.common.seeding import set_cpu_threads
-    from utils.stages.training import vae_encode
+    from utils.method.vae_latents import vae_encode
 
     set_cpu_threads(args.threads)
     device = torch.device(args.device)

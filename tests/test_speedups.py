@@ -6,12 +6,13 @@ import os
 import pytest
 import torch
 
-from utils.models.cheap_decode import ScorerDecoder, build_scorer_decoder, decode_error, load_tiny_vae, reduced_latent_size, vae_upsampling_factor
-from utils.models.tiny import build_tiny_autoencoder
 from utils.common.errors import InputError
-from utils.stages.latent_cache import (CaptionOnlyDataset, LatentCache, build_latent_cache, posterior_mean_std,
-                                sample_cached_latents)
-from utils.stages.training import EDGELossConfig, edge_losses, vae_decode, vae_encode
+from utils.method.edge_step import EDGELossConfig, edge_losses
+from utils.method.vae_latents import posterior_mean_std, sample_cached_latents, vae_decode, vae_encode
+from utils.models.cheap_decode import (ScorerDecoder, build_scorer_decoder, decode_error, load_tiny_vae,
+                                       reduced_latent_size, vae_upsampling_factor)
+from utils.models.tiny import build_tiny_autoencoder
+from utils.stages.latent_cache import CaptionOnlyDataset, LatentCache, build_latent_cache
 
 os.environ["HF_HUB_OFFLINE"] = "1"
 

@@ -124,7 +124,7 @@ def test_resume_with_five_captions_per_image(assets, tmp_path):
 @pytest.mark.parametrize("unit,steps", [("pairs", 10), ("images", 2)])
 def test_epoch_unit_sets_the_step_count(assets, tmp_path, unit, steps):
     # 8 images x 5 captions, batch 4, one epoch: 40 pairs -> 10 steps, 8 images -> 2 steps
-    from utils.stages.training import total_train_steps
+    from utils.stages.train_data import total_train_steps
 
     out = tmp_path / unit
     script.main(script.parse_args(_argv(assets, out, "--ann_root", assets["data5"], "--train_batch_size", "4",
@@ -138,7 +138,7 @@ def test_epoch_unit_sets_the_step_count(assets, tmp_path, unit, steps):
 
 
 def test_total_train_steps_of_the_paper_recipes():
-    from utils.stages.training import total_train_steps
+    from utils.stages.train_data import total_train_steps
 
     # the numbers stated in configs/train_{flickr30k,coco,cc3m}.yaml: 10 epochs, batch 128, full batches only
     assert total_train_steps(145_000, 128, 10) == 11_320  # Flickr30K pairs (29,000 images x 5)
@@ -292,7 +292,7 @@ def test_train_vae_mode(assets, tmp_path):
 
 
 def test_moving_average_is_trailing_mean():
-    from utils.stages.training import moving_average
+    from utils.stages.train_plots import moving_average
 
     assert moving_average([1.0, 3.0, 5.0, 7.0], 2) == [1.0, 2.0, 4.0, 6.0]
     assert moving_average([2.0, 4.0], 1) == [2.0, 4.0]

@@ -1,7 +1,7 @@
 """Cached VAE posteriors of the training images (`--cache_latents`): encode once, sample every step.
 
 SD's training samples z ~ N(mean, std) from the frozen VAE's posterior at every step. The cache
-keeps the posterior's mean and std per image (in the VAE's dtype), and `sample_cached_latents`
+keeps the posterior's mean and std per image (in the VAE's dtype), and `utils.method.vae_latents.sample_cached_latents`
 draws the sample with the same call and generator as `latent_dist.sample(generator)`, so a
 cached step equals an uncached one up to the float differences of encoding in other batches.
 
@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from utils.common.errors import fail
 from utils.common.seeding import derive_seed
-from utils.method.vae_latents import scale_latents
+from utils.method.vae_latents import posterior_mean_std
 
 
 class LatentCache:
@@ -49,21 +49,6 @@ class LatentCache:
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in (self.mean, self.std, self.mean_flip, self.std_flip)
                    if t is not None)
-
-
-def sample_cached_latents(vae, mean: torch.Tensor, std: torch.Tensor, generator=None) -> torch.Tensor:
-    """Scaled latents sampled from a cached posterior, drawn exactly as `vae_encode` draws them."""
-    from diffusers.utils.torch_utils import randn_tensor
-
-    eps = randn_tensor(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
-    return scale_latents(vae, mean + std * eps)
-
-
-@torch.no_grad()
-def posterior_mean_std(vae, pixels: torch.Tensor) -> tuple:
-    """(mean, std) of the VAE posterior of [-1, 1] pixels (in the VAE's dtype)."""
-    dist = vae.encode(pixels.to(dtype=vae.dtype, device=vae.device)).latent_dist
-    return dist.mean, dist.std
 
 
 @torch.no_grad()

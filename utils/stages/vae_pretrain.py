@@ -48,8 +48,9 @@ def pretrain_vae(args) -> Path:
     from utils.common.config import save_run_config
     from utils.models.sd_models import load_sd_components, load_sd_pipeline
     from utils.common.seeding import set_cpu_threads
-    from utils.stages.training import (EpochShuffleSampler, build_train_dataset, build_train_transform, check_output_dir,
-                           collate, plot_loss_curves)
+    from utils.stages.train_data import EpochShuffleSampler, build_train_dataset, build_train_transform, collate
+    from utils.stages.train_plots import plot_loss_curves
+    from utils.stages.train_run import check_output_dir
 
     check_output_dir(args)
     accelerator = Accelerator(mixed_precision=resolve_precision(args.mixed_precision))

@@ -1,0 +1,91 @@
+"""The EDGE training step: one batch's noise-MSE, contrastive and diversity terms through the x0 estimate.
+
+  z0 = vae.encode(x) * scaling_factor;  zt = add_noise(z0, eps, t), t ~ U{t_min..t_max}
+  pred = unet(zt, t, text_encoder(caption))                 (the noised latent, not z0)
+  x0^ = predicted_x0(pred, zt, t);  img^ = vae.decode(x0^ / scaling_factor)   (with gradients)
+  L = lambda_C * contrastive(scorer(img^), scorer(caption)) + lambda_D * diversity(...) + lambda_mse * MSE
+"""
+from dataclasses import dataclass
+
+import torch
+
+from utils.method.denoise import diffusion_target, predicted_x0
+from utils.method.losses import contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1
+from utils.method.vae_latents import sample_cached_latents, vae_decode, vae_encode
+
+
+@dataclass
+class EDGELossConfig:
+    """Weights and options of the training objective."""
+
+    lambda_contrastive: float = 1.0
+    lambda_diversity: float = 1.0
+    lambda_mse: float = 0.0
+    temperature: float = 0.1
+    diversity_on: str = "image_text"
+    x0_clamp: float = None
+    t_min: int = 0
+    t_max: int = 999
+
+    @property
+    def uses_scorer(self) -> bool:
+        return self.lambda_contrastive > 0 or self.lambda_diversity > 0
+
+
+def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, encoder_hidden_states,
+                cfg: EDGELossConfig, generator: torch.Generator, weight_dtype=torch.float32, gatherer=None,
+                decoder=None, latent_dist=None, keep=None, noise=None, timesteps=None) -> dict:
+    """Forward one batch and return {"loss", and each active term, "top1_i2t", "top1_t2i"} (tensors).
+
+    keep: boolean mask [B] of the items that enter the contrastive and diversity terms (None: all); items
+    whose UNet caption was dropped (--caption_dropout) are left out, as the sample was not conditioned on
+    the caption the scorer would compare it with. The MSE term covers every item.
+    noise, timesteps: use these instead of drawing them from `generator` (tests: one global batch split
+    over processes).
+
+    decoder: scaled latents -> pixels for the scorer (utils.models.cheap_decode.ScorerDecoder; default: the full
+    VAE decode). latent_dist: cached posterior (mean, std) of the batch (utils.stages.latent_cache) used in place
+    of encoding `pixel_values` (then None); the sample is drawn as the encoder's would be.
+    """
+    if latent_dist is not None:
+        device = latent_dist[0].device
+        latents = sample_cached_latents(vae, latent_dist[0].to(weight_dtype), latent_dist[1].to(weight_dtype),
+                                        generator).float()
+    else:
+        device = pixel_values.device
+        with torch.no_grad():
+            latents = vae_encode(vae, pixel_values.to(weight_dtype), generator).float()
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=generator)
+    if timesteps is None:
+        timesteps = torch.randint(cfg.t_min, cfg.t_max + 1, (latents.shape[0],), generator=generator)
+    noise, timesteps = noise.to(device), timesteps.to(device)
+    noisy = noise_scheduler.add_noise(latents, noise, timesteps)
+    model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
+    out = {}
+    loss = model_pred.new_zeros((), dtype=torch.float32)
+    if cfg.lambda_mse > 0:
+        out["mse"] = noise_mse_loss(model_pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
+        loss = loss + cfg.lambda_mse * out["mse"]
+    if cfg.uses_scorer:
+        x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
+        images = (decoder or (lambda z: vae_decode(vae, z)))(x0.to(weight_dtype))
+        u = scorer.encode_image(images)
+        v = scorer.encode_text(captions).to(u.device)
+        if gatherer is not None:
+            g = gatherer(u, v, keep)
+            out["contrastive"], out["diversity"] = g["contrastive"], g["diversity"]
+            all_u, all_v = g["all_image"], g["all_text"]
+        else:
+            if keep is not None:
+                keep = torch.as_tensor(keep, dtype=torch.bool, device=u.device)
+                u, v = u[keep], v[keep]
+            out["contrastive"] = contrastive_loss(u, v, cfg.temperature)
+            out["diversity"] = diversity_loss(u, v, cfg.diversity_on)
+            all_u, all_v = u, v
+        loss = loss + cfg.lambda_contrastive * out["contrastive"] + cfg.lambda_diversity * out["diversity"]
+        with torch.no_grad():
+            out["top1_i2t"], out["top1_t2i"] = retrieval_top1(all_u, all_v)
+            out["scored_batch"] = torch.tensor(float(all_u.shape[0]))
+    out["loss"] = loss
+    return out
