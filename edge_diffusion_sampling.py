@@ -20,11 +20,10 @@ Usage:
 import argparse
 import sys
 
+from dataset.registry import DATASETS
 from utils.common.config import add_paper_flags, parse_args_with_recipe
 from utils.common.errors import fail, run_cli
 from utils.stages.sampling import DTYPES, IMAGE_FORMATS, SCHEDULERS
-
-DATASETS = ("flickr30k", "coco", "cc3m", "procedural", "karpathy")
 
 
 def parse_args(argv=None):
@@ -90,7 +89,7 @@ def load_prompts(args) -> tuple:
     """(prompts, prompt_source manifest entry) from --prompts_file or the data set's train captions."""
     from pathlib import Path
 
-    from utils.stages.sampling import draw_prompts, read_prompts_file
+    from utils.stages.sampling_prompts import draw_prompts, read_prompts_file
 
     if args.prompts_file:
         prompts = read_prompts_file(args.prompts_file, args.num_queries)
@@ -110,7 +109,8 @@ def load_prompts(args) -> tuple:
 def main(args):
     """Run the sampling stage (or the legacy conversion) and return the output folder."""
     from utils.common.atomic_io import check_output_dir
-    from utils.stages.sampling import convert_legacy, sample_distilled_set
+    from utils.stages.legacy_layout import convert_legacy
+    from utils.stages.sampling import sample_distilled_set
 
     check_output_dir(args.output_dir)  # before prompts are read and the model loads
     if args.convert_from_legacy:

@@ -18,16 +18,16 @@ Usage:
 import argparse
 import sys
 
-from utils.models.cheap_decode import SCORER_DECODE_MODES, check_decode_flags
+from dataset.registry import DATASETS
+from dataset.torch_datasets import EPOCH_UNITS
 from utils.common.config import parse_args_with_recipe
 from utils.common.errors import fail, run_cli
-from utils.stages.latent_cache import check_cacheable
-from dataset.torch_datasets import EPOCH_UNITS
-from utils.method.losses import DIVERSITY_MODES
 from utils.common.precision import PRECISIONS
+from utils.method.losses import DIVERSITY_MODES
 from utils.method.trainable_params import TRAINABLE_SETS
+from utils.models.cheap_decode import SCORER_DECODE_MODES, check_decode_flags
+from utils.stages.latent_cache import check_cacheable
 
-DATASETS = ("flickr30k", "coco", "cc3m", "procedural", "karpathy")
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
 

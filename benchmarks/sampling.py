@@ -21,7 +21,8 @@ import time
 import numpy as np
 import torch
 
-from utils.stages.sampling import DTYPES, SCHEDULERS, PromptEmbeddingCache, load_sampling_pipeline, render_images, set_scheduler
+from utils.stages.sampling import (DTYPES, SCHEDULERS, PromptEmbeddingCache, load_sampling_pipeline, render_images,
+                                   set_scheduler)
 from utils.common.seeding import item_generator, set_cpu_threads
 
 PROMPTS = ["a red circle on a white background", "two blue squares at the top", "a small green star on the left",

@@ -37,14 +37,13 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from dataset.registry import DATASETS  # noqa: E402
 from utils.common.config import args_to_dict, parse_args_with_recipe, run_info, save_run_config  # noqa: E402
 from utils.common.errors import fail, run_cli  # noqa: E402
 from utils.common.seeding import set_cpu_threads  # noqa: E402
 
 from evaluation.protocol import PROTOCOLS, apply_protocol_defaults, protocol_preprocess, protocol_settings  # noqa: E402
 from evaluation.protocol import help_text as protocol_help  # noqa: E402
-
-DATASETS = ("flickr30k", "coco", "procedural", "karpathy", "cc3m")
 
 
 def parse_args(argv=None):

@@ -9,7 +9,9 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+import utils.stages.sampled_set as sampled_set  # noqa: E402
 import utils.stages.sampling as sampling  # noqa: E402
+import utils.stages.sampling_prompts as sampling_prompts  # noqa: E402
 from dataset.distilled import read_distilled_set  # noqa: E402
 from edge_diffusion_sampling import main, parse_args  # noqa: E402
 from utils.common.errors import InputError  # noqa: E402
@@ -71,31 +73,31 @@ def _entries(n_images, per_image=3):
 
 
 def test_draw_prompts_one_caption_per_distinct_image_deterministic():
-    a = sampling.draw_prompts(_entries(20), 12, seed=3)
-    assert a == sampling.draw_prompts(_entries(20), 12, seed=3)
+    a = sampling_prompts.draw_prompts(_entries(20), 12, seed=3)
+    assert a == sampling_prompts.draw_prompts(_entries(20), 12, seed=3)
     assert len({d["image"] for d in a}) == 12
     for d in a:  # each prompt is a caption of its own source image
         assert d["prompt"].endswith(f"of image {d['image_id']}")
-    assert [d["prompt"] for d in a] != [d["prompt"] for d in sampling.draw_prompts(_entries(20), 12, seed=4)]
+    assert [d["prompt"] for d in a] != [d["prompt"] for d in sampling_prompts.draw_prompts(_entries(20), 12, seed=4)]
 
 
 def test_draw_prompts_rejects_too_many_and_non_positive():
     with pytest.raises(InputError, match="exceeds the 4 distinct images"):
-        sampling.draw_prompts(_entries(4), 5, seed=0)
+        sampling_prompts.draw_prompts(_entries(4), 5, seed=0)
     with pytest.raises(InputError, match="must be positive"):
-        sampling.draw_prompts(_entries(4), 0, seed=0)
+        sampling_prompts.draw_prompts(_entries(4), 0, seed=0)
 
 
 def test_prompts_file_empty_line_names_the_line(tmp_path):
     path = tmp_path / "p.txt"
     path.write_text("a red circle\n\na blue square\n")
     with pytest.raises(InputError, match=r"p.txt line 2: empty prompt"):
-        sampling.read_prompts_file(path)
+        sampling_prompts.read_prompts_file(path)
     path.write_text("a red circle\na blue square\n")
-    assert sampling.read_prompts_file(path) == ["a red circle", "a blue square"]
-    assert sampling.read_prompts_file(path, 1) == ["a red circle"]
+    assert sampling_prompts.read_prompts_file(path) == ["a red circle", "a blue square"]
+    assert sampling_prompts.read_prompts_file(path, 1) == ["a red circle"]
     with pytest.raises(InputError, match="exceeds the 2 prompts"):
-        sampling.read_prompts_file(path, 3)
+        sampling_prompts.read_prompts_file(path, 3)
 
 
 def test_bad_flags_are_one_line_input_errors(tmp_path):
@@ -109,9 +111,9 @@ def test_bad_flags_are_one_line_input_errors(tmp_path):
 def test_blocks_cover_every_index_once_for_any_process_count():
     for k in (1, 2, 3):
         for b in (1, 2, 4):
-            got = [i for r in range(k) for block in sampling.blocks_for_process(11, b, r, k) for i in block]
+            got = [i for r in range(k) for block in sampled_set.blocks_for_process(11, b, r, k) for i in block]
             assert sorted(got) == list(range(11))
-    assert sampling.blocks_for_process(5, 1, 1, 2) == [[1], [3]]  # batch 1: process r renders i % K == r
+    assert sampled_set.blocks_for_process(5, 1, 1, 2) == [[1], [3]]  # batch 1: process r renders i % K == r
 
 
 # ----------------------------------------------------------------------------- end to end
@@ -285,7 +287,7 @@ def test_broken_images_of_an_interrupted_run_are_rendered_again(tiny_sd, procedu
     (part / "images/000001.png").write_bytes(b"")  # a 0-byte file
     data = (part / "images/000003.png").read_bytes()
     (part / "images/000003.png").write_bytes(data[: len(data) // 2])  # a truncated one
-    assert sampling.missing_indices(part, 5) == [1, 3]
+    assert sampled_set.missing_indices(part, 5) == [1, 3]
     run(tiny_sd, procedural, part)
     assert set_bytes(part) == set_bytes(ref)
 

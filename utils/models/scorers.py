@@ -78,10 +78,6 @@ class Scorer:
                 self._text_cache[c] = f.detach()
         return torch.stack([self._text_cache[c] for c in captions]).to(self.device)
 
-    @property
-    def text_cache_size(self) -> int:
-        return len(self._text_cache)
-
 
 def _features(out) -> torch.Tensor:
     """transformers 5 returns model outputs from get_*_features; older versions return tensors."""
@@ -193,21 +189,11 @@ class RetrievalScorer(Scorer):
         return self.model.encode_captions(self.text_encoder, list(captions))
 
 
-def _size_mean_std(preprocess):
-    """Input size, mean and std of a preprocessing description (dict or torchvision Compose)."""
-    if isinstance(preprocess, dict):
-        size = preprocess.get("image_size", preprocess.get("size", 224))
-        size = (size, size) if isinstance(size, int) else tuple(size)
-        return size, tuple(preprocess.get("mean", OPENAI_CLIP_MEAN)), tuple(preprocess.get("std", OPENAI_CLIP_STD))
-    size, mean, std = (224, 224), OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-    for t in getattr(preprocess, "transforms", []):
-        name = type(t).__name__
-        if name in ("Resize", "CenterCrop") and getattr(t, "size", None) is not None:
-            s = t.size
-            size = (s, s) if isinstance(s, int) else (tuple(s) * 2)[:2]
-        elif name == "Normalize":
-            mean, std = tuple(t.mean), tuple(t.std)
-    return size, mean, std
+def _size_mean_std(preprocess: dict):
+    """Input size, mean and std of a saved retrieval model's preprocessing dict."""
+    size = preprocess.get("image_size", preprocess.get("size", 224))
+    size = (size, size) if isinstance(size, int) else tuple(size)
+    return size, tuple(preprocess.get("mean", OPENAI_CLIP_MEAN)), tuple(preprocess.get("std", OPENAI_CLIP_STD))
 
 
 SCORER_KINDS = ("open_clip", "hf_clip", "retrieval")
