@@ -1,17 +1,15 @@
 """Seeding: one global seed per run and one derived seed per item."""
 import hashlib
 import os
-import random
 
-import numpy as np
 import torch
 
 
 def seed_everything(seed: int) -> None:
-    """Seed python, numpy and torch (all devices)."""
-    random.seed(seed)
-    np.random.seed(seed % (2**32))
-    torch.manual_seed(seed)
+    """Seed python, numpy and torch (all devices): accelerate's `set_seed`."""
+    from accelerate.utils import set_seed
+
+    set_seed(seed)
 
 
 def derive_seed(seed: int, index: int) -> int:

@@ -183,8 +183,10 @@ def preprocess_from_timm(model) -> dict:
     """The preprocess dict (size, mean, std) of a timm model's pretrained config."""
     cfg = model.pretrained_cfg or {}
     size = cfg.get("input_size", (3, 224, 224))[-1]
-    return {"size": int(size), "mean": tuple(float(v) for v in cfg.get("mean", (0.485, 0.456, 0.406))),
-            "std": tuple(float(v) for v in cfg.get("std", (0.229, 0.224, 0.225)))}
+    from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+
+    return {"size": int(size), "mean": tuple(float(v) for v in cfg.get("mean", IMAGENET_DEFAULT_MEAN)),
+            "std": tuple(float(v) for v in cfg.get("std", IMAGENET_DEFAULT_STD))}
 
 
 def _build_timm(name, timm_name, pretrained, **kwargs):

@@ -14,11 +14,10 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from open_clip.constants import OPENAI_DATASET_MEAN as OPENAI_CLIP_MEAN
+from open_clip.constants import OPENAI_DATASET_STD as OPENAI_CLIP_STD
 
 from utils.common.errors import fail
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class Scorer:

@@ -108,10 +108,11 @@ def prepare_models(args, cfg: EDGELossConfig, device, weight_dtype) -> TrainMode
         frozen.to(device, dtype=weight_dtype).eval()
     params = configure_trainable(unet, args.trainable, args.lora_rank)
     if args.trainable == "lora":
+        from diffusers.training_utils import cast_training_params
+
         # diffusers' LoRA recipe: frozen base in the weight dtype, adapters in fp32.
         unet.to(device, dtype=weight_dtype)
-        for p in params:
-            p.data = p.data.float()
+        cast_training_params(unet, dtype=torch.float32)
     else:
         unet.to(device)
     counts = count_parameters(unet)
