@@ -95,10 +95,9 @@ def load_prompts(args) -> tuple:
         prompts = read_prompts_file(args.prompts_file, args.num_queries)
         return prompts, {"type": "prompts_file", "path": str(Path(args.prompts_file).resolve()),
                          "num_prompts": len(prompts)}
-    from dataset.registry import load_split, resolve_split
+    from dataset.registry import read_split
 
-    ann_file, image_root = resolve_split(args.dataset, "train", args.ann_root, args.image_root)
-    entries = load_split(args.dataset, "train", args.ann_root, args.image_root)
+    entries, ann_file, _ = read_split(args.dataset, "train", args.ann_root, args.image_root)
     drawn = draw_prompts(entries, args.num_queries, args.seed, source=f"{args.dataset} train ({ann_file})")
     source = {"type": "dataset", "dataset": args.dataset, "split": "train", "ann_file": str(Path(ann_file).resolve()),
               "draw": "one caption each of num_queries distinct train images, random.Random('edge-sampling-prompts:"

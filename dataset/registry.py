@@ -1,6 +1,7 @@
 """Data set names -> annotation files and image roots (BLIP/LoRS file names)."""
 import re
 from pathlib import Path
+from typing import NamedTuple
 
 from utils.common.errors import fail
 
@@ -101,11 +102,26 @@ def resolve_split(dataset: str, split: str, ann_root, image_root=None) -> tuple:
     return ann_file, Path(image_root)
 
 
-def load_split(dataset: str, split: str, ann_root, image_root=None, check_images: bool = True) -> list:
-    """Train entries (split "train") or eval entries (val/test) of a named data set."""
+class Split(NamedTuple):
+    """A split's entries with the annotation file (or cc3m folder) and image root they were read from."""
+
+    entries: list
+    ann_file: Path
+    image_root: Path
+
+
+def read_split(dataset: str, split: str, ann_root, image_root=None, check_images: bool = True) -> Split:
+    """The entries of a split with the paths `resolve_split` found for them (resolved once)."""
     ann_file, image_root = resolve_split(dataset, split, ann_root, image_root)
     if ann_file.is_dir():  # cc3m img2dataset folder; image paths are relative to it
-        return read_cc3m_folder(ann_file) if split == "train" else cc3m_eval_entries(ann_file)
-    if split == "train":
-        return read_karpathy_train(ann_file, image_root, check_images=check_images)
-    return read_karpathy_eval(ann_file, image_root, check_images=check_images)
+        entries = read_cc3m_folder(ann_file) if split == "train" else cc3m_eval_entries(ann_file)
+    elif split == "train":
+        entries = read_karpathy_train(ann_file, image_root, check_images=check_images)
+    else:
+        entries = read_karpathy_eval(ann_file, image_root, check_images=check_images)
+    return Split(entries, ann_file, image_root)
+
+
+def load_split(dataset: str, split: str, ann_root, image_root=None, check_images: bool = True) -> list:
+    """Train entries (split "train") or eval entries (val/test) of a named data set."""
+    return read_split(dataset, split, ann_root, image_root, check_images).entries

@@ -20,11 +20,9 @@ Usage:
 """
 import argparse
 import os
-import random
 import re
 import sys
 import time
-from functools import partial
 from pathlib import Path
 
 if __package__ in (None, ""):
@@ -35,15 +33,14 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(_here.parent))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
 
 from dataset.registry import DATASETS  # noqa: E402
+from evaluation.data import build_train_set, eval_split, native_image_size  # noqa: E402
+from evaluation.protocol import PROTOCOLS, apply_protocol_defaults, protocol_preprocess, protocol_settings  # noqa: E402
+from evaluation.protocol import help_text as protocol_help  # noqa: E402
 from utils.common.config import args_to_dict, parse_args_with_recipe, run_info, save_run_config  # noqa: E402
 from utils.common.errors import fail, run_cli  # noqa: E402
 from utils.common.seeding import set_cpu_threads  # noqa: E402
-
-from evaluation.protocol import PROTOCOLS, apply_protocol_defaults, protocol_preprocess, protocol_settings  # noqa: E402
-from evaluation.protocol import help_text as protocol_help  # noqa: E402
 
 
 def parse_args(argv=None):
@@ -175,127 +172,14 @@ def _slug(text: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.+-]+", "_", text).strip("_")[:120]
 
 
-def _eval_split(args, split, size, text_encoder, cache_dir):
-    from dataset.registry import load_split, resolve_split
-    from dataset.torch_datasets import RetrievalEvalDataset
-
-    from evaluation.train_retrieval import EvalSplit, cached_text_features, load_images_uint8, resize_to_uint8
-
-    _, image_root = resolve_split(args.dataset, split, args.ann_root, args.image_root)
-    entries = load_split(args.dataset, split, args.ann_root, args.image_root)
-    ds = RetrievalEvalDataset(entries, image_root, transform=partial(resize_to_uint8, size=size))
-    if len(ds.texts) == 0:
-        raise fail(f"{args.dataset} {split} split has no captions")
-    images = load_images_uint8(ds, args.num_workers, desc=f"{split} images")
-    feats = cached_text_features(text_encoder, ds.texts, cache_dir)
-    return EvalSplit(name=split, images=images, text_features=feats, img2txt=ds.img2txt, txt2img=ds.txt2img)
-
-
-def _native_image_size(args) -> int:
-    """Size of the first test image (the procedural set's own resolution)."""
-    from dataset.images import load_image
-    from dataset.registry import load_split, resolve_split
-
-    _, image_root = resolve_split(args.dataset, "test", args.ann_root, args.image_root)
-    first = load_split(args.dataset, "test", args.ann_root, args.image_root, check_images=False)[0]
-    w, h = load_image(Path(image_root) / first["image"]).size
-    return max(w, h)
-
-
-def _train_groups(args):
-    """(groups [{"image", "captions"}], image root) of a distilled set or a real-data baseline."""
-    from dataset.karpathy import group_by_image
-    from dataset.registry import load_split, resolve_split
-
-    if args.distill_dir:
-        from dataset.distilled import caption_warnings, read_distilled_set
-
-        ds = read_distilled_set(args.distill_dir)
-        if len(ds) == 0:
-            raise fail(f"distilled set {args.distill_dir} has no images")
-        for line in caption_warnings(ds):
-            print(f"warning: {line}", file=sys.stderr)
-        return ds.groups, Path(ds.folder)
-    _, image_root = resolve_split(args.dataset, "train", args.ann_root, args.image_root)
-    groups = group_by_image(load_split(args.dataset, "train", args.ann_root, args.image_root))
-    if args.baseline == "full":
-        return groups, image_root
-    if args.n > len(groups):
-        raise fail(f"--n {args.n} exceeds the {len(groups)} images of the {args.dataset} train split")
-    rng = random.Random(args.seed)
-    chosen = sorted(rng.sample(range(len(groups)), args.n))
-    return [{**groups[i], "captions": [rng.choice(groups[i]["captions"])]} for i in chosen], image_root
-
-
-def build_train_set(args, size, text_encoder, cache_dir):
-    """The training set in memory (TrainSet) and a description of it for results.json."""
-    from dataset.torch_datasets import ImageCaptionTrainDataset
-
-    from evaluation.train_retrieval import TrainSet, cached_text_features, load_images_uint8, resize_to_uint8
-
-    if args.lors_pt:
-        from dataset.lors import read_lors_pt
-
-        lors = read_lors_pt(args.lors_pt)
-        if lors.text_embed.shape[1] != text_encoder.dim:
-            raise fail(f"{args.lors_pt}: text embeddings have dim {lors.text_embed.shape[1]} but text encoder "
-                       f"{args.text_encoder!r} gives {text_encoder.dim}; pass the encoder the set was made with")
-        from evaluation.protocol import lors_pixels
-
-        images = lors.images
-        if images.shape[1] == 1:
-            images = images.repeat(1, 3, 1, 1)
-        images = lors_pixels(images)  # saved CLIP-normalised; the run normalises train and test alike
-        if images.shape[-1] != size or images.shape[-2] != size:
-            images = F.interpolate(images, size=(size, size), mode="bilinear", align_corners=False)
-        train = TrainSet(images=images.contiguous(), caption_ids=[[i] for i in range(len(lors))],
-                         text_features=lors.text_embed, name=str(args.lors_pt))
-        return train, {"n_images": len(lors), "n_captions": len(lors), "source": str(args.lors_pt)}
-    groups, image_root = _train_groups(args)
-    captions, caption_ids = [], []
-    for g in groups:
-        caption_ids.append(list(range(len(captions), len(captions) + len(g["captions"]))))
-        captions.extend(g["captions"])
-    ds = ImageCaptionTrainDataset(groups, image_root, transform=partial(resize_to_uint8, size=size))
-    images = load_images_uint8(ds, args.num_workers, desc="train images")
-    feats = cached_text_features(text_encoder, captions, cache_dir)
-    train = TrainSet(images=images, caption_ids=caption_ids, text_features=feats, name=str(image_root))
-    info = {"n_images": len(groups), "n_captions": len(captions), "source": str(args.distill_dir or image_root),
-            "images": [g["image"] for g in groups] if len(groups) <= 2000 else None}
-    return train, info
-
-
 # ----------------------------------------------------------------------------- main
 
 
-def main(args):
-    """Run the evaluation; returns the results dict (also written to <output_dir>/results.json)."""
-    from accelerate import Accelerator
+def _check_inputs(args):
+    """Validate every input before any model is built or trained.
 
-    from utils.models.encoders import build_text_encoder
-
-    from evaluation.report import aggregate, append_table_row, plot_r_mean, table_row, write_results_json
-    from utils.models.retrieval_model import build_retrieval_model, save_retrieval_model
-    from evaluation.train_retrieval import (SELECTION_LABELS, TrainConfig, num_training_items, select_entry,
-                                            train_retrieval)
-
-    start = time.time()
-    set_cpu_threads(args.num_threads)
-    run_name = args.run_name or default_run_name(args)
-    output_dir = Path(args.output_dir or Path("outputs") / "eval" / _slug(run_name))
-    from utils.common.atomic_io import check_output_dir
-
-    check_output_dir(output_dir)  # a file or a read-only folder: one line before any model loads
-    if args.save_model_dir:
-        check_output_dir(args.save_model_dir, "--save_model_dir")
-    if (output_dir / "results.json").exists() and not args.overwrite:
-        raise fail(f"{output_dir / 'results.json'} exists; pass --overwrite or another --output_dir")
-    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
-    device = accelerator.device
-    progress = not args.no_progress
-    cache_dir = _default_cache_dir(args)
-
-    # Validate every input before any model is built or trained.
+    Returns (use_val, protocol settings, preprocess dict with the run's image size, the --lors_pt set or None).
+    """
     from dataset.registry import resolve_split
 
     resolve_split(args.dataset, "test", args.ann_root, args.image_root)
@@ -305,25 +189,27 @@ def main(args):
     settings = protocol_settings(args.protocol)
     _, preprocess, _ = _probe_image_encoder(args)
     preprocess = protocol_preprocess(settings, args.image_encoder, preprocess)
+    lors = None
+    if args.lors_pt:
+        from dataset.lors import read_lors_pt
+
+        lors = read_lors_pt(args.lors_pt)  # read once: size, training set and learned learning rates
     if args.image_size:
         size = args.image_size
     elif settings.image_size:
         size = settings.image_size
-    elif args.lors_pt:
-        from dataset.lors import read_lors_pt
-
-        size = int(read_lors_pt(args.lors_pt).images.shape[-1])
+    elif lors is not None:
+        size = int(lors.images.shape[-1])
     elif args.dataset == "procedural":
-        size = _native_image_size(args)
+        size = native_image_size(args)
     else:
         size = int(preprocess["size"])
-    preprocess = {**preprocess, "size": size}
+    return use_val, settings, {**preprocess, "size": size}, lors
 
-    text_encoder = build_text_encoder(args.text_encoder, device=device)
-    train, train_info = build_train_set(args, size, text_encoder, cache_dir)
-    test = _eval_split(args, "test", size, text_encoder, cache_dir)
-    val = _eval_split(args, "val", size, text_encoder, cache_dir) if use_val else None
-    text_encoder.to("cpu")
+
+def _train_config(args, settings, use_val, train, lors):
+    """The retrieval training settings of the protocol and flags; refuses a run in which no step would run."""
+    from evaluation.train_retrieval import TrainConfig, num_training_items
 
     cfg = TrainConfig(epochs=args.epochs, eval_every=args.eval_every, batch_size_train=args.batch_size_train,
                       batch_size_test=args.batch_size_test, lr_img=args.lr_img, lr_txt=args.lr_txt,
@@ -336,19 +222,23 @@ def main(args):
                    f"{source_name(args)} are fewer than --batch_size_train {cfg.batch_size_train}: no step would "
                    f"run; lower --batch_size_train")
     if args.lors_learned_lr:
-        cfg.lr_img, cfg.lr_txt = _lors_learned_lrs(args.lors_pt)
+        cfg.lr_img, cfg.lr_txt = _lors_learned_lrs(args.lors_pt, lors)
+    return cfg
 
-    output_dir.mkdir(parents=True, exist_ok=True)
-    save_run_config(args, output_dir)
-    seeds = list(range(args.seed, args.seed + args.seeds))
+
+def _train_seeds(args, seeds, train, test, val, preprocess, cfg, accelerator, text_dim):
+    """Train and select one retrieval model per seed -> (histories, per-seed selected recalls, seconds)."""
+    from evaluation.train_retrieval import select_entry, train_retrieval
+    from utils.models.retrieval_model import build_retrieval_model, save_retrieval_model
+
     histories, per_seed, seed_times = {}, [], {}
     for seed in seeds:
         t0 = time.time()
         torch.manual_seed(seed)  # the head's (and a from-scratch encoder's) initialisation
-        model, _ = build_retrieval_model(args.image_encoder, text_encoder.dim, pretrained=not args.from_scratch,
+        model, _ = build_retrieval_model(args.image_encoder, text_dim, pretrained=not args.from_scratch,
                                          temperature=args.temperature, dropout=args.dropout)
         history = train_retrieval(model, train, test, preprocess, cfg, accelerator, seed, val=val,
-                                  progress=progress)
+                                  progress=not args.no_progress)
         chosen = select_entry(history, args.selection)
         histories[seed] = history
         per_seed.append({"seed": seed, "selected_epoch": chosen["epoch"], "test": chosen["test"],
@@ -358,13 +248,50 @@ def main(args):
             folder = Path(args.save_model_dir) / (f"seed_{seed}" if len(seeds) > 1 else "")
             save_retrieval_model(accelerator.unwrap_model(model).cpu(), folder, {
                 "image_encoder": args.image_encoder, "text_encoder": args.text_encoder,
-                "text_dim": text_encoder.dim, "preprocess": preprocess, "dropout": args.dropout,
+                "text_dim": text_dim, "preprocess": preprocess, "dropout": args.dropout,
                 "trained_on": source_name(args), "dataset": args.dataset, "seed": seed, "epochs": args.epochs})
         accelerator.free_memory()
         del model
         accelerator.print(f"seed {seed}: epoch {chosen['epoch']} ({args.selection}) r_mean "
                           f"{chosen['test']['r_mean']:.2f}  [{seed_times[seed]:.0f}s]")
+    return histories, per_seed, seed_times
 
+
+def main(args):
+    """Run the evaluation; returns the results dict (also written to <output_dir>/results.json)."""
+    from accelerate import Accelerator
+
+    from evaluation.report import aggregate, append_table_row, plot_r_mean, table_row, write_results_json
+    from evaluation.train_retrieval import SELECTION_LABELS
+    from utils.common.atomic_io import check_output_dir
+    from utils.models.encoders import build_text_encoder
+
+    start = time.time()
+    set_cpu_threads(args.num_threads)
+    run_name = args.run_name or default_run_name(args)
+    output_dir = Path(args.output_dir or Path("outputs") / "eval" / _slug(run_name))
+    check_output_dir(output_dir)  # a file or a read-only folder: one line before any model loads
+    if args.save_model_dir:
+        check_output_dir(args.save_model_dir, "--save_model_dir")
+    if (output_dir / "results.json").exists() and not args.overwrite:
+        raise fail(f"{output_dir / 'results.json'} exists; pass --overwrite or another --output_dir")
+    accelerator = Accelerator(cpu=args.cpu, mixed_precision=args.mixed_precision)
+    cache_dir = _default_cache_dir(args)
+    use_val, settings, preprocess, lors = _check_inputs(args)
+    size = preprocess["size"]
+
+    text_encoder = build_text_encoder(args.text_encoder, device=accelerator.device)
+    train, train_info = build_train_set(args, size, text_encoder, cache_dir, lors)
+    test = eval_split(args, "test", size, text_encoder, cache_dir)
+    val = eval_split(args, "val", size, text_encoder, cache_dir) if use_val else None
+    text_encoder.to("cpu")
+    cfg = _train_config(args, settings, use_val, train, lors)
+
+    output_dir.mkdir(parents=True, exist_ok=True)
+    save_run_config(args, output_dir)
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    histories, per_seed, seed_times = _train_seeds(args, seeds, train, test, val, preprocess, cfg, accelerator,
+                                                   text_encoder.dim)
     summary = aggregate([r["test"] for r in per_seed])
     wall = time.time() - start
     label = SELECTION_LABELS[args.selection]
@@ -403,10 +330,8 @@ def _probe_image_encoder(args):
     return build_image_encoder(args.image_encoder, pretrained=not args.from_scratch)
 
 
-def _lors_learned_lrs(path):
-    from dataset.lors import read_lors_pt
-
-    extras = read_lors_pt(path).extras
+def _lors_learned_lrs(path, lors):
+    extras = lors.extras
     try:
         return float(extras["syn_lr_img"]), float(extras["syn_lr_txt"])
     except (KeyError, TypeError, ValueError, RuntimeError):

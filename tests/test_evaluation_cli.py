@@ -137,14 +137,14 @@ def test_runs_as_a_script_from_any_folder(tmp_path):
 
 
 def test_warns_when_the_manifest_records_failed_or_missing_captions(env, tmp_path, capsys):
-    from evaluation.evaluation import _train_groups
+    from evaluation.data import train_groups
 
     folder = _make_distilled(tmp_path / "short_set")
     records = [{"image": f"images/{i:06d}.png", "captions": [f"a red circle {i}"] + ([f"x {i}"] if i != 2 else [])}
                for i in range(4)]
     write_distilled_set(folder, records, {"captions": {"cpi": 2, "failed": {"count": 1, "images": [
         {"image": "images/000002.png", "error": "timeout"}]}, "short": {"count": 0, "images": []}}})
-    groups, _ = _train_groups(parse_args(_argv(env, tmp_path / "o", "--distill_dir", str(folder))))
+    groups, _ = train_groups(parse_args(_argv(env, tmp_path / "o", "--distill_dir", str(folder))))
     assert len(groups) == 4
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(err) == 1 and str(folder / "manifest.json") in err[0] and "images/000002.png" in err[0]

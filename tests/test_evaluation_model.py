@@ -5,12 +5,12 @@ import pytest
 import torch
 
 from evaluation.report import aggregate, append_table_row, format_duration, table_row
-from utils.models.retrieval_model import (ProjectionHead, RetrievalModel, contrastive_loss, load_retrieval_model,
-                                        normalize_pixels, save_retrieval_model)
 from evaluation.train_retrieval import cached_text_features, caption_list_key, eval_epochs, select_entry
-from utils.models.encoders import build_image_encoder, build_text_encoder
 from utils.common.errors import InputError
-
+from utils.method.losses import contrastive_loss
+from utils.models.encoders import build_image_encoder, build_text_encoder
+from utils.models.retrieval_model import (ProjectionHead, RetrievalModel, load_retrieval_model, normalize_pixels,
+                                          save_retrieval_model)
 from utils.models.tiny import save_tiny_bert, save_tiny_nfnet
 
 

@@ -12,12 +12,16 @@ DIVERSITY_MODES = ("image_text", "image_text_stacked", "image")
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                     temperature: float = 0.1) -> torch.Tensor:
-    """Symmetric InfoNCE: (CE(S/tau, arange) + CE(S.T/tau, arange)) / 2 with S = u @ v.T of normalised features."""
+                     temperature: float = 0.1, normalized: bool = False) -> torch.Tensor:
+    """Symmetric InfoNCE: (CE(S/tau, arange) + CE(S.T/tau, arange)) / 2 with S = u @ v.T of normalised features.
+
+    normalized: the features are L2-normalised already (the retrieval model's): used as they are.
+    """
     if image_features.shape[0] == 0:
         return image_features.float().sum() * 0 + text_features.float().sum() * 0
-    u = F.normalize(image_features.float(), dim=-1)
-    v = F.normalize(text_features.float(), dim=-1)
+    u, v = image_features.float(), text_features.float()
+    if not normalized:
+        u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
     logits = u @ v.T / temperature
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2

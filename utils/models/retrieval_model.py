@@ -13,8 +13,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from utils.common.atomic_io import atomic_write_bytes, atomic_write_json
-from utils.models.encoders import build_image_encoder, build_text_encoder
 from utils.common.errors import fail
+from utils.method.losses import contrastive_loss
+from utils.models.encoders import build_image_encoder, build_text_encoder
 
 CONFIG_NAME = "retrieval_config.json"
 WEIGHTS_NAME = "retrieval_model.safetensors"
@@ -34,13 +35,6 @@ class ProjectionHead(nn.Module):
     def forward(self, x):
         h = self.projection(x)
         return self.layer_norm(h + self.dropout(self.fc(self.gelu(h))))
-
-
-def contrastive_loss(image_features, text_features, temperature: float) -> torch.Tensor:
-    """Symmetric InfoNCE over a batch of L2-normalized, index-aligned image and text features."""
-    logits = image_features @ text_features.t() / temperature
-    labels = torch.arange(logits.shape[0], device=logits.device)
-    return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels)) / 2
 
 
 class RetrievalModel(nn.Module):
@@ -63,7 +57,8 @@ class RetrievalModel(nn.Module):
 
     def forward(self, pixels, text_embeddings):
         """Contrastive loss of an aligned batch."""
-        return contrastive_loss(self.image_features(pixels), self.text_features(text_embeddings), self.temperature)
+        return contrastive_loss(self.image_features(pixels), self.text_features(text_embeddings), self.temperature,
+                                normalized=True)
 
     @torch.no_grad()
     def encode_captions(self, text_encoder, captions, batch_size: int = 256) -> torch.Tensor:

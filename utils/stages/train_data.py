@@ -56,10 +56,9 @@ def build_train_dataset(args, transform, unit: str = None):
         return ImageCaptionTrainDataset.from_distilled(read_distilled_set(args.train_data_dir), transform,
                                                        seed=args.seed, unit=unit)
     from dataset.karpathy import group_by_image
-    from dataset.registry import load_split, resolve_split
+    from dataset.registry import read_split
 
-    _, image_root = resolve_split(args.dataset, "train", args.ann_root, args.image_root)
-    entries = load_split(args.dataset, "train", args.ann_root, args.image_root)
+    entries, _, image_root = read_split(args.dataset, "train", args.ann_root, args.image_root)
     groups = group_by_image(entries)
     if args.max_train_samples:
         groups = groups[: args.max_train_samples]
