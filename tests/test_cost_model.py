@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from benchmarks.cost_model import (PartFlops, cache_flops, count_forward, count_forward_backward, edge_sample_flops,
-                                   flop_counter, gpu_hours, implied_mfu, parse_args, plain_sample_flops, report,
+                                   flop_counter, gpu_hours, implied_mfu, parse_args, plain_sample_flops,
                                    sampling_flops, set_unet_trainable, training_flops, training_steps)
+from benchmarks.cost_report import report
 from utils.common.errors import InputError
 
 PARTS = PartFlops(text_encoder=1, vae_encode=2, unet_forward=4, unet_backward=8, vae_decode_forward=16,
