@@ -20,13 +20,13 @@ from PIL import Image
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from utils.common.atomic_io import atomic_torch_save
+from utils.common.atomic_io import cached_tensor
 from utils.common.errors import fail
 from utils.common.seeding import derive_seed, seed_everything
+from utils.models.retrieval_model import RetrievalModel, normalize_pixels
 
 from .metrics import itm_recalls
 from .protocol import edge_train_augment
-from utils.models.retrieval_model import RetrievalModel, normalize_pixels
 
 SELECTION_RULES = ("last", "best_val", "best_test")
 SELECTION_LABELS = {
@@ -120,22 +120,16 @@ def cached_text_features(text_encoder, captions, cache_dir=None, batch_size: int
     if cache_dir is not None:
         safe = re.sub(r"[^A-Za-z0-9_.-]+", "_", text_encoder.name)[-60:]
         path = Path(cache_dir) / f"{safe}-{key[:24]}.pt"
-        if path.is_file():
-            try:
-                feats = torch.load(path, map_location="cpu", weights_only=True)
-            except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
-                feats = None
-            if isinstance(feats, torch.Tensor) and feats.shape == (len(captions), text_encoder.dim):
-                _MEMORY_CACHE[key] = feats
-                return feats
-    chunks = []
-    for start in tqdm(range(0, len(captions), batch_size), desc=f"text features ({text_encoder.name})",
-                      leave=False):
-        chunks.append(text_encoder.encode(captions[start:start + batch_size], batch_size=batch_size))
-    feats = torch.cat(chunks) if chunks else torch.zeros(0, text_encoder.dim)
-    feats = feats.float().contiguous()
-    if path is not None:
-        atomic_torch_save(path, feats)
+
+    def compute():
+        chunks = []
+        for start in tqdm(range(0, len(captions), batch_size), desc=f"text features ({text_encoder.name})",
+                          leave=False):
+            chunks.append(text_encoder.encode(captions[start:start + batch_size], batch_size=batch_size))
+        feats = torch.cat(chunks) if chunks else torch.zeros(0, text_encoder.dim)
+        return feats.float().contiguous()
+
+    feats = cached_tensor(path, compute, lambda t: t.shape == (len(captions), text_encoder.dim))
     _MEMORY_CACHE[key] = feats
     return feats
 

@@ -54,6 +54,26 @@ def atomic_torch_save(path, obj) -> None:
     atomic_write_bytes(path, buf.getvalue())
 
 
+def cached_tensor(path, compute, valid):
+    """The tensor saved at `path` when it loads and `valid(tensor)`; else `compute()`, saved there atomically.
+
+    path None: no disk cache (always computed). A corrupt or stale file is recomputed and replaced.
+    """
+    import torch
+
+    if path is not None and Path(path).is_file():
+        try:
+            cached = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception:  # noqa: BLE001 - a corrupt cache entry is recomputed
+            cached = None
+        if isinstance(cached, torch.Tensor) and valid(cached):
+            return cached
+    tensor = compute()
+    if path is not None:
+        atomic_torch_save(path, tensor)
+    return tensor
+
+
 def append_jsonl(path, record: dict) -> None:
     """Append one JSON record as a single line and fsync it.
 

@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from utils.common.errors import fail
 from utils.method.vae_latents import vae_decode
+from utils.models.loading import from_pretrained
 
 SCORER_DECODE_MODES = ("full", "reduced", "tiny")
 
@@ -76,10 +77,7 @@ def load_tiny_vae(path, device="cpu", dtype=torch.float32):
 
     if not Path(path).exists():
         raise fail(f"--tiny_vae folder not found: {path}")
-    try:
-        tiny = AutoencoderTiny.from_pretrained(str(path), dtype=dtype)
-    except Exception as e:  # noqa: BLE001 - any load failure: one clear line
-        raise fail(f"could not load an AutoencoderTiny from --tiny_vae {path}: {str(e).splitlines()[0][:200]}")
+    tiny = from_pretrained(AutoencoderTiny, path, "AutoencoderTiny of --tiny_vae", dtype=dtype)
     tiny.requires_grad_(False)
     return tiny.to(device=device).eval()
 

@@ -128,13 +128,10 @@ def minilm_path() -> str:
 def _load_hf_text_encoder(name, source, pooling, max_length) -> HFTextEncoder:
     from transformers import AutoModel, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(source)
-        model = AutoModel.from_pretrained(source)
-    except (OSError, ValueError) as e:
-        where = "local folder" if Path(source).exists() else "Hugging Face hub id / local cache"
-        raise fail(f"could not load text encoder {name!r} from {source} ({where}): {type(e).__name__}; "
-                   f"{_HUB_HINT}")
+    from utils.models.loading import from_pretrained
+
+    tokenizer = from_pretrained(AutoTokenizer, source, f"tokenizer of text encoder {name!r}", _HUB_HINT)
+    model = from_pretrained(AutoModel, source, f"text encoder {name!r}", _HUB_HINT)
     return HFTextEncoder(name, model, tokenizer, pooling=pooling, max_length=max_length)
 
 

@@ -126,13 +126,10 @@ class HFClipScorer(Scorer):
         super().__init__(device, dtype)
         from transformers import AutoTokenizer, CLIPModel
 
-        try:
-            self.model = CLIPModel.from_pretrained(name_or_path)
-            self.tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-        except Exception as e:  # noqa: BLE001
-            where = "folder" if Path(name_or_path).exists() else "hub id (no network or not cached?)"
-            raise fail(f"could not load a transformers CLIP model from {where} '{name_or_path}': "
-                       f"{str(e).splitlines()[0][:200]}")
+        from utils.models.loading import from_pretrained
+
+        self.model = from_pretrained(CLIPModel, name_or_path, "transformers CLIP model")
+        self.tokenizer = from_pretrained(AutoTokenizer, name_or_path, "transformers CLIP tokenizer")
         size = self.model.config.vision_config.image_size
         self.image_size = (size, size)
         try:

@@ -84,8 +84,11 @@ def finished_run(output_dir, logging_dir: str, max_train_steps: int) -> bool:
     return has_final_model(output_dir) and logged_steps(output_dir, logging_dir) >= max_train_steps
 
 
-def check_output_dir(args) -> None:
-    """Refuse to mix two runs in one output folder (resume or --overwrite_output_dir are explicit)."""
+def check_run_folder(args) -> None:
+    """Refuse to mix two runs in one output folder (resume or --overwrite_output_dir are explicit).
+
+    (The generic checks of a folder to write into are `utils.common.atomic_io.check_output_dir`.)
+    """
     out = Path(args.output_dir)
     if not out.exists():
         return

@@ -20,7 +20,7 @@ from utils.method.edge_step import EDGELossConfig, edge_losses
 from utils.method.losses import GatheredEDGELosses
 from utils.stages.train_data import dataset_unit
 from utils.stages.train_plots import plot_loss_curves, validate
-from utils.stages.train_run import (LOG_NAME, check_output_dir, finished_run, register_checkpoint_hooks,
+from utils.stages.train_run import (LOG_NAME, check_run_folder, finished_run, register_checkpoint_hooks,
                                     resolve_resume, save_checkpoint, save_final_model, trim_log)
 from utils.stages.train_setup import (TrainData, TrainModels, build_accelerator, build_ema, build_optimizer,
                                       build_train_data, loss_config, prepare_models)
@@ -61,7 +61,7 @@ def setup_training(args) -> TrainSetup:
     """Everything before the first step, in the order that fixes the random state (scorer, then LoRA init)."""
     from diffusers.optimization import get_scheduler
 
-    check_output_dir(args)
+    check_run_folder(args)
     output_dir = Path(args.output_dir)
     logging_dir = output_dir / (args.logging_dir or "logs")
     accelerator = build_accelerator(args, output_dir, logging_dir)

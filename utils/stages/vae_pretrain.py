@@ -41,18 +41,16 @@ def pretrain_vae(args) -> Path:
     """Train the VAE of --pretrained_model_name_or_path for --max_train_steps and save the pipeline to --output_dir."""
     from accelerate import Accelerator
     from accelerate.utils import set_seed
-    from diffusers.utils import make_image_grid
     from torch.utils.data import DataLoader
     from tqdm.auto import tqdm
 
     from utils.common.config import save_run_config
-    from utils.models.sd_models import load_sd_components, load_sd_pipeline
     from utils.common.seeding import set_cpu_threads
+    from utils.models.sd_models import load_sd_components
     from utils.stages.train_data import EpochShuffleSampler, build_train_dataset, build_train_transform, collate
-    from utils.stages.train_plots import plot_loss_curves
-    from utils.stages.train_run import check_output_dir
+    from utils.stages.train_run import check_run_folder
 
-    check_output_dir(args)
+    check_run_folder(args)
     accelerator = Accelerator(mixed_precision=resolve_precision(args.mixed_precision))
     if accelerator.num_processes > 1:
         raise fail("--train_vae runs on one process (launch without --multi_gpu)")
@@ -104,24 +102,34 @@ def pretrain_vae(args) -> Path:
     bar.close()
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        model.eval()
-        scaling = estimate_scaling_factor(model, loader)
-        model.register_to_config(scaling_factor=scaling)
-        pipe = load_sd_pipeline(args.pretrained_model_name_or_path, vae=model)
-        pipe.save_pretrained(output_dir)
-        batch = next(iter(loader))
-        with torch.no_grad():
-            rec = model.decode(model.encode(batch["pixel_values"][:8]).latent_dist.mode()).sample
-        to_pil = lambda x: _to_pil(x)  # noqa: E731
-        originals = [to_pil(x) for x in batch["pixel_values"][:8]]
-        recons = [to_pil(x) for x in rec]
-        grid = make_image_grid(originals + recons, rows=2, cols=len(originals))
-        atomic_save_image(output_dir / "logs" / "vae_reconstructions.png", grid)
-        plot_loss_curves(log_path, log_path.parent / "loss_curves.png", title="VAE pre-training")
+        scaling = save_trained_vae(args, model, loader, output_dir, log_path)
         accelerator.print(f"VAE trained {step} steps, final recon MSE {record['recon']:.4f}, "
                           f"scaling factor {scaling:.4f}; pipeline saved to {output_dir}")
     accelerator.wait_for_everyone()
     return output_dir
+
+
+def save_trained_vae(args, model, loader, output_dir: Path, log_path: Path) -> float:
+    """Set the VAE's scaling factor, save the pipeline with it, a reconstruction grid and the loss curves."""
+    from diffusers.utils import make_image_grid
+
+    from utils.models.sd_models import load_sd_pipeline
+    from utils.stages.train_plots import plot_loss_curves
+
+    model.eval()
+    scaling = estimate_scaling_factor(model, loader)
+    model.register_to_config(scaling_factor=scaling)
+    pipe = load_sd_pipeline(args.pretrained_model_name_or_path, vae=model)
+    pipe.save_pretrained(output_dir)
+    batch = next(iter(loader))
+    with torch.no_grad():
+        rec = model.decode(model.encode(batch["pixel_values"][:8]).latent_dist.mode()).sample
+    originals = [_to_pil(x) for x in batch["pixel_values"][:8]]
+    recons = [_to_pil(x) for x in rec]
+    grid = make_image_grid(originals + recons, rows=2, cols=len(originals))
+    atomic_save_image(output_dir / "logs" / "vae_reconstructions.png", grid)
+    plot_loss_curves(log_path, log_path.parent / "loss_curves.png", title="VAE pre-training")
+    return scaling
 
 
 def _to_pil(x):

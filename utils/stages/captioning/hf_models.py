@@ -1,9 +1,5 @@
-"""Loading transformers models for captioning: device, dtype and one-line errors naming the model."""
-from pathlib import Path
-
+"""Transformers captioning models' device and dtype (loading itself: `utils.models.loading.from_pretrained`)."""
 import torch
-
-from utils.common.errors import fail
 
 DTYPES = ("auto", "float32", "float16", "bfloat16")
 
@@ -21,14 +17,3 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
         return torch.float16 if device.type != "cpu" else torch.float32
     return getattr(torch, name)
 
-
-def load_pretrained(loader, name_or_path: str, what: str, **kwargs):
-    """`loader.from_pretrained(name_or_path, **kwargs)` with a clear InputError when it is not available."""
-    try:
-        return loader.from_pretrained(str(name_or_path), **kwargs)
-    except (OSError, ValueError, EnvironmentError, KeyError) as e:
-        where = ("the local folder " + str(name_or_path)) if Path(str(name_or_path)).exists() else \
-            f"a local folder or a cached hub copy of '{name_or_path}'"
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise fail(f"could not load the {what} from {where} ({type(e).__name__}: {first}); "
-                   f"download it once (e.g. `hf download {name_or_path} --local-dir <dir>`) and pass the folder")

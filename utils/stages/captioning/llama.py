@@ -3,9 +3,10 @@ import torch
 
 from utils.common.errors import fail
 from utils.common.seeding import derive_seed
+from utils.models.loading import from_pretrained
 
 from .backend import SampledModelBackend, generate_in_batches
-from .hf_models import caption_device, load_pretrained, resolve_dtype
+from .hf_models import caption_device, resolve_dtype
 
 DEFAULT_MODEL = "meta-llama/Llama-3.1-8B-Instruct"
 DEFAULT_INSTRUCTION = ("Rewrite this image caption with different wording but the same meaning. "
@@ -29,10 +30,10 @@ class LlamaBackend(SampledModelBackend):
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         self.device = caption_device()
-        self.tokenizer = load_pretrained(AutoTokenizer, self.model_name, "tokenizer")
+        self.tokenizer = from_pretrained(AutoTokenizer, self.model_name, "tokenizer")
         if not getattr(self.tokenizer, "chat_template", None):
             raise fail(f"the tokenizer of '{self.model_name}' has no chat template; use an instruction-tuned model")
-        self.model = load_pretrained(AutoModelForCausalLM, self.model_name, "language model",
+        self.model = from_pretrained(AutoModelForCausalLM, self.model_name, "language model",
                                      dtype=resolve_dtype(self.dtype, self.device))
         self.model.to(self.device).eval()
         self.tokenizer.padding_side = "left"

@@ -3,9 +3,10 @@ import torch
 
 from dataset.images import load_image
 from utils.common.seeding import derive_seed
+from utils.models.loading import from_pretrained
 
 from .backend import SampledModelBackend, generate_in_batches
-from .hf_models import caption_device, load_pretrained, resolve_dtype
+from .hf_models import caption_device, resolve_dtype
 
 DEFAULT_MODEL = "llava-hf/llava-1.5-7b-hf"
 DEFAULT_INSTRUCTION = "Describe this image in one brief sentence."
@@ -25,8 +26,8 @@ class LlavaBackend(SampledModelBackend):
         from transformers import AutoProcessor, LlavaForConditionalGeneration
 
         self.device = caption_device()
-        self.processor = load_pretrained(AutoProcessor, self.model_name, "LLaVA processor")
-        self.model = load_pretrained(LlavaForConditionalGeneration, self.model_name, "LLaVA model",
+        self.processor = from_pretrained(AutoProcessor, self.model_name, "LLaVA processor")
+        self.model = from_pretrained(LlavaForConditionalGeneration, self.model_name, "LLaVA model",
                                      dtype=resolve_dtype(self.dtype, self.device))
         self.model.to(self.device).eval()
         self.processor.tokenizer.padding_side = "left"  # generation continues from the right end

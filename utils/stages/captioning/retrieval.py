@@ -14,7 +14,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from dataset.images import load_image
-from utils.common.atomic_io import atomic_torch_save
+from utils.common.atomic_io import cached_tensor
 from utils.common.errors import fail
 
 from .backend import CaptionBackend
@@ -92,15 +92,14 @@ class RetrievalBackend(CaptionBackend):
 
     def _pool_features(self) -> torch.Tensor:
         path = Path(self.work_dir) / f"pool_text_{self.pool_hash}.pt" if self.work_dir else None
-        if path is not None and path.is_file():
-            feats = torch.load(path, map_location="cpu")
-            if isinstance(feats, torch.Tensor) and feats.shape[0] == len(self.pool):
-                return feats.to(self.scorer.device)
-        chunks = [self.scorer.encode_text(self.pool[i:i + TEXT_BATCH]).float().cpu()
-                  for i in tqdm(range(0, len(self.pool), TEXT_BATCH), desc="encoding caption pool", leave=False)]
-        feats = torch.cat(chunks)
-        if path is not None:
-            atomic_torch_save(path, feats)
+
+        def compute():
+            chunks = [self.scorer.encode_text(self.pool[i:i + TEXT_BATCH]).float().cpu()
+                      for i in tqdm(range(0, len(self.pool), TEXT_BATCH), desc="encoding caption pool",
+                                    leave=False)]
+            return torch.cat(chunks)
+
+        feats = cached_tensor(path, compute, lambda t: t.shape[0] == len(self.pool))
         return feats.to(self.scorer.device)
 
     @torch.no_grad()
