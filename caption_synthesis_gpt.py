@@ -13,10 +13,10 @@ Usage:
 """
 import argparse
 
-from utils.stages.captioning.gpt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, GPTBackend
-from utils.stages.captioning.cache import check_output_folder
-from utils.stages.captioning.runner import add_common_args, run_captioning, script_entry
 from utils.common.config import add_paper_flags, parse_args_with_recipe
+from utils.stages.captioning.cache import check_output_folder
+from utils.stages.captioning.gpt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, GPTBackend
+from utils.stages.captioning.runner import add_common_args, run_captioning, script_entry
 
 
 def parse_args(argv=None):

@@ -9,11 +9,11 @@ Usage:
 """
 import argparse
 
+from utils.common.config import add_paper_flags, parse_args_with_recipe
+from utils.stages.captioning.cache import check_output_folder
 from utils.stages.captioning.hf_models import DTYPES
 from utils.stages.captioning.llava import DEFAULT_INSTRUCTION, DEFAULT_MODEL, LlavaBackend
-from utils.stages.captioning.cache import check_output_folder
 from utils.stages.captioning.runner import add_common_args, run_captioning, script_entry
-from utils.common.config import add_paper_flags, parse_args_with_recipe
 
 
 def parse_args(argv=None):

@@ -12,10 +12,10 @@ Usage:
 import argparse
 
 from dataset.registry import DATASETS
-from utils.stages.captioning.retrieval import DEFAULT_SCORER, RetrievalBackend
-from utils.stages.captioning.cache import check_output_folder
-from utils.stages.captioning.runner import add_common_args, check_common_args, run_captioning, script_entry
 from utils.common.config import parse_args_with_recipe
+from utils.stages.captioning.cache import check_output_folder
+from utils.stages.captioning.retrieval import DEFAULT_SCORER, RetrievalBackend
+from utils.stages.captioning.runner import add_common_args, check_common_args, run_captioning, script_entry
 
 
 def parse_args(argv=None):

@@ -100,10 +100,10 @@ def main(args):
     """Time cached and uncached epochs in alternating rounds and print the ratio."""
     import torch
 
-    from utils.models.retrieval_model import build_retrieval_model
     from evaluation.train_retrieval import _MEMORY_CACHE, cached_text_features
-    from utils.models.encoders import build_text_encoder
     from utils.common.seeding import set_cpu_threads
+    from utils.models.encoders import build_text_encoder
+    from utils.models.retrieval_model import build_retrieval_model
 
     set_cpu_threads(args.threads)
     device = torch.device(args.device)

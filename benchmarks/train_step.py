@@ -187,11 +187,11 @@ def measure_decode_errors(args) -> dict:
     """decode_error of each cheap decode against the full decode, on the encoded benchmark images."""
     import torch
 
+    from utils.common.seeding import set_cpu_threads
+    from utils.method.vae_latents import vae_encode
     from utils.models.cheap_decode import build_scorer_decoder, decode_error
     from utils.models.scorers import build_scorer
     from utils.models.sd_models import load_sd_components
-    from utils.common.seeding import set_cpu_threads
-    from utils.method.vae_latents import vae_encode
 
     set_cpu_threads(args.threads)
     device = torch.device(args.device)

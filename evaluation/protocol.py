@@ -19,8 +19,8 @@ from pathlib import Path
 
 import torch
 
-from utils.models.encoders import clip_mean_std
 from utils.common.errors import fail
+from utils.models.encoders import clip_mean_std
 
 PROTOCOLS = ("lors", "edge")
 

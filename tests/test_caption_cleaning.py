@@ -1,9 +1,9 @@
 """Caption cleaning, de-duplication and the per-image cache."""
 import pytest
 
+from utils.common.errors import InputError
 from utils.stages.captioning.cache import CaptionCache, settings_key
 from utils.stages.captioning.cleaning import caption_key, clean_caption, merge_distinct
-from utils.common.errors import InputError
 
 
 @pytest.mark.parametrize("raw, expected", [

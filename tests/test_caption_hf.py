@@ -11,10 +11,10 @@ import caption_synthesis_llama as llama_script
 import caption_synthesis_llava as llava_script
 from dataset.distilled import read_distilled_set, write_distilled_set
 from utils.common.atomic_io import read_jsonl
+from utils.common.errors import InputError
+from utils.models.tiny import build_tiny_llama, build_tiny_llava
 from utils.stages.captioning.cache import CACHE_FILE
 from utils.stages.captioning.cleaning import caption_key
-from utils.models.tiny import build_tiny_llama, build_tiny_llava
-from utils.common.errors import InputError
 
 
 @pytest.fixture(scope="module", autouse=True)

@@ -8,9 +8,9 @@ from PIL import Image
 import caption_synthesis_retrieval as retrieval_script
 import utils.models.scorers as scorers
 from dataset.distilled import read_distilled_set, write_distilled_set
-from utils.stages.captioning.retrieval import rank_pool
 from utils.common.errors import InputError
 from utils.models.tiny import build_tiny_hf_clip
+from utils.stages.captioning.retrieval import rank_pool
 
 POOL = ["a red circle", "A red circle.", "one red square", "a red red and blue square", "a red and green circle",
         "a green circle", "a blue circle", "a green green and blue square"]

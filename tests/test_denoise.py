@@ -38,8 +38,8 @@ def test_clamp_and_bad_type():
 
 
 def test_epsilon_with_zero_terminal_snr_is_refused():
-    from utils.method.denoise import check_x0_estimable
     from utils.common.errors import InputError
+    from utils.method.denoise import check_x0_estimable
 
     eps = DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon", rescale_betas_zero_snr=True)
     with pytest.raises(InputError, match=r"rescale_betas_zero_snr=True.*timestep 999.*--t_max 998"):

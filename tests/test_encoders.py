@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from utils.models.encoders import build_image_encoder, build_text_encoder, load_efficientnet_lite0_weights
 from utils.common.errors import InputError
+from utils.models.encoders import build_image_encoder, build_text_encoder, load_efficientnet_lite0_weights
 from utils.models.tiny import TINY_NFNET_ARGS, save_tiny_bert, save_tiny_nfnet
 
 

@@ -11,8 +11,8 @@ from PIL import Image
 from dataset.distilled import write_distilled_set
 from dataset.procedural import ProceduralSpec, generate_procedural_dataset
 from evaluation.evaluation import main, parse_args
-from utils.models.retrieval_model import load_retrieval_model
 from utils.common.errors import InputError
+from utils.models.retrieval_model import load_retrieval_model
 
 from utils.models.tiny import save_tiny_bert, save_tiny_nfnet
 

@@ -15,8 +15,8 @@ import utils.stages.sampling_prompts as sampling_prompts  # noqa: E402
 from dataset.distilled import read_distilled_set  # noqa: E402
 from edge_diffusion_sampling import main, parse_args  # noqa: E402
 from utils.common.errors import InputError  # noqa: E402
-from utils.models.tiny import build_tiny_sd
 from utils.common.seeding import item_generator  # noqa: E402
+from utils.models.tiny import build_tiny_sd
 
 STEPS = "3"
 
@@ -254,8 +254,8 @@ def test_convert_from_legacy_layout(tmp_path):
 def test_lora_run_folder_is_sampled_as_base_plus_lora(tiny_sd, tmp_path):
     from diffusers import StableDiffusionPipeline
 
-    from utils.models.sd_models import load_sd_components
     from utils.method.trainable_params import configure_trainable, lora_state_dict
+    from utils.models.sd_models import load_sd_components
 
     unet = load_sd_components(tiny_sd).unet
     configure_trainable(unet, "lora", lora_rank=2)

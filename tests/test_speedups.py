@@ -20,8 +20,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 @pytest.fixture(scope="module")
 def models(tmp_path_factory):
     from utils.models.scorers import build_scorer
-    from utils.models.tiny import build_tiny_hf_clip
     from utils.models.sd_models import encode_prompts, load_sd_components
+    from utils.models.tiny import build_tiny_hf_clip
     from utils.models.tiny import build_tiny_sd
 
     torch.set_num_threads(1)

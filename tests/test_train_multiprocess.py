@@ -80,8 +80,8 @@ def load(sd, clip):
 
 def step_grads(comps, scorer, rows, unet=None, gatherer=None, lambdas=(1.0, 1.0, 1.0)):
     """Parameter gradients of one step on the global-batch rows `rows` (a slice)."""
-    from utils.models.sd_models import encode_prompts
     from utils.method.edge_step import EDGELossConfig, edge_losses
+    from utils.models.sd_models import encode_prompts
 
     mean, noise, timesteps = global_batch()
     cfg = EDGELossConfig(lambdas[0], lambdas[1], lambdas[2], 0.1, "image_text")

@@ -4,8 +4,8 @@ import torch
 from diffusers import UNet2DConditionModel
 
 from utils.common.errors import InputError
-from utils.models.tiny import tiny_unet_config
 from utils.method.trainable_params import configure_trainable, difffit_parameter_names, lora_state_dict
+from utils.models.tiny import tiny_unet_config
 
 
 def _unet():
