@@ -9,7 +9,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 
-from utils.common.atomic_io import atomic_write_json, atomic_write_text
+from utils.common.atomic_io import atomic_write_json, atomic_write_text, read_json
 from utils.common.errors import fail
 
 from .karpathy import group_by_image, read_karpathy_train
@@ -46,10 +46,7 @@ def read_manifest(folder) -> dict:
     path = Path(folder) / MANIFEST_FILE
     if not path.is_file():
         return {}
-    try:
-        manifest = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise fail(f"{path} is not valid JSON: {e}")
+    manifest = read_json(path)
     if not isinstance(manifest, dict):
         raise fail(f"{path} must hold a JSON object")
     return manifest

@@ -4,10 +4,10 @@ train: a list of {"image": rel_path, "caption": str, "image_id": str}, one entry
 val/test: a list of {"image": rel_path, "caption": [str, ...]}, one entry per image.
 Image paths are relative to an image root.
 """
-import json
 import os
 from pathlib import Path
 
+from utils.common.atomic_io import read_json
 from utils.common.errors import fail
 
 
@@ -15,10 +15,7 @@ def _read_entry_list(ann_file) -> list:
     ann_file = Path(ann_file)
     if not ann_file.is_file():
         raise fail(f"annotation file not found: {ann_file}")
-    try:
-        data = json.loads(ann_file.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise fail(f"{ann_file} is not valid JSON: {e}")
+    data = read_json(ann_file)
     if not isinstance(data, list):
         raise fail(f"{ann_file} must hold a JSON list of entries, found {type(data).__name__}")
     if not data:

@@ -89,6 +89,16 @@ def append_jsonl(path, record: dict) -> None:
         os.fsync(f.fileno())
 
 
+def read_json(path):
+    """The parsed JSON of a UTF-8 file; a file that is not JSON is one InputError line naming it."""
+    from utils.common.errors import fail
+
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise fail(f"{path} is not valid JSON: {e}")
+
+
 def read_jsonl(path) -> list:
     """Read a JSON-lines file, skipping a truncated (unparsable) final line."""
     path = Path(path)

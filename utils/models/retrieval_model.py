@@ -5,14 +5,13 @@ text head `Linear(d_text, width) -> GELU -> Linear -> Dropout -> residual -> Lay
 similarities at a fixed temperature, symmetric InfoNCE. `save_retrieval_model` / `load_retrieval_model`
 let another stage use a trained model as a scorer (normalized image and caption features).
 """
-import json
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from utils.common.atomic_io import atomic_write_bytes, atomic_write_json
+from utils.common.atomic_io import atomic_write_bytes, atomic_write_json, read_json
 from utils.common.errors import fail
 from utils.method.losses import contrastive_loss
 from utils.models.encoders import build_image_encoder, build_text_encoder
@@ -110,10 +109,7 @@ def load_retrieval_model(folder, device="cpu", text_encoder=None):
     for p in (cfg_path, weights_path):
         if not p.is_file():
             raise fail(f"retrieval model folder {folder}: missing {p.name}")
-    try:
-        config = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise fail(f"{cfg_path} is not valid JSON: {e}")
+    config = read_json(cfg_path)
     for key in ("image_encoder", "text_encoder", "text_dim", "preprocess"):
         if key not in config:
             raise fail(f"{cfg_path}: missing field {key!r}")

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import torch
 
+from utils.common.atomic_io import read_json
 from utils.common.errors import fail
 
 DEFAULT_SD = "stable-diffusion-v1-5/stable-diffusion-v1-5"
@@ -45,10 +46,7 @@ def read_model_index(name_or_path) -> dict:
         if not index.is_file():
             raise fail(f"'{path}' is not a diffusers pipeline folder: model_index.json is missing "
                        f"(expected subfolders {', '.join(SD_COMPONENTS)})")
-        try:
-            return json.loads(index.read_text())
-        except json.JSONDecodeError as e:
-            raise fail(f"{index} is not valid JSON: {e}")
+        return read_json(index)
     try:
         from huggingface_hub import hf_hub_download
 
