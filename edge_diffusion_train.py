@@ -35,7 +35,16 @@ def build_parser() -> argparse.ArgumentParser:
     """All flags (diffusers train_text_to_image.py names where they exist)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
-    # model and data
+    _data_flags(a)
+    _optimisation_flags(a)
+    _objective_flags(a)
+    _run_flags(a)
+    _vae_flags(a)
+    return p
+
+
+def _data_flags(a) -> None:
+    """Model, data and the training images' preprocessing."""
     a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
       help="hub id or diffusers folder of the Stable Diffusion model to fine-tune")
     a("--dataset", choices=DATASETS, default="flickr30k")
@@ -53,7 +62,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--caption_dropout", type=float, default=0.0,
       help="probability of an empty UNet caption (classifier-free guidance); such items count in the MSE term only "
            "and are left out of the contrastive and diversity terms (their sample was not conditioned on the caption)")
-    # optimisation
+
+
+def _optimisation_flags(a) -> None:
+    """Batch, epochs, optimizer, precision, memory options, trainable set."""
     a("--train_batch_size", type=int, default=16, help="per process")
     a("--num_train_epochs", type=int, default=10)
     a("--epoch_unit", choices=EPOCH_UNITS, default="pairs",
@@ -86,7 +98,10 @@ def build_parser() -> argparse.ArgumentParser:
     a("--ema_decay", type=float, default=0.9999)
     a("--trainable", choices=TRAINABLE_SETS, default="difffit")
     a("--lora_rank", type=int, default=4)
-    # EDGE objective
+
+
+def _objective_flags(a) -> None:
+    """The EDGE objective: scorer, loss weights, timesteps, decode for the scorer."""
     a("--scorer", default="open_clip:ViT-B-32/openai",
       help="open_clip:<model>/<tag or file> | hf_clip:<id or folder> | retrieval:<folder>")
     a("--lambda_contrastive", type=float, default=1.0)
@@ -104,7 +119,10 @@ def build_parser() -> argparse.ArgumentParser:
       help="full: decode x0 with the VAE at its size; reduced: resize the latent so its decode has the scorer's "
            "input size (approximation); tiny: decode with --tiny_vae (approximation)")
     a("--tiny_vae", default=None, help="AutoencoderTiny folder for --scorer_decode tiny (e.g. a local TAESD copy)")
-    # checkpoints, logging, validation
+
+
+def _run_flags(a) -> None:
+    """Checkpoints, logging, validation grids, seed."""
     a("--checkpointing_steps", type=int, default=500)
     a("--checkpoints_total_limit", type=int, default=None)
     a("--resume_from_checkpoint", default=None, help='"latest" or a checkpoint-<step> folder')
@@ -115,10 +133,12 @@ def build_parser() -> argparse.ArgumentParser:
     a("--report_to", choices=("tensorboard", "none"), default="tensorboard")
     a("--logging_dir", default="logs", help="relative to --output_dir")
     a("--seed", type=int, default=0)
-    # VAE pre-training mode (offline demo)
+
+
+def _vae_flags(a) -> None:
+    """VAE pre-training mode (offline demo)."""
     a("--train_vae", action="store_true", help="train the model's VAE as an autoencoder instead (AdamW)")
     a("--vae_kl_weight", type=float, default=1e-6)
-    return p
 
 
 def validate_args(args) -> None:
