@@ -48,11 +48,12 @@ def parse_args(argv=None):
     p.add_argument("--text_encoder_layers", type=int, default=2, help="MiniLM layers kept (of 6)")
     p.add_argument("--keep_vocab_below", type=int, default=1996,
                    help="also keep all WordPiece ids below this (1996: special tokens and characters)")
-    p.add_argument("--vae_steps", type=int, default=None, help="override the VAE recipe's max_train_steps")
+    p.add_argument("--vae_steps", type=int, default=3000,
+                   help="VAE steps (the recipe's 500 are the from-scratch demo's; the shipped model used 3000)")
     p.add_argument("--pretrain_steps", type=int, default=None, help="override the pre-training recipe's max_train_steps")
     p.add_argument("--continue_steps", type=int, default=0,
                    help="then continue pre-training this many steps with the same recipe (fresh optimizer, no "
-                        "warm-up, seed + 1), as the shipped model was made; 0: export after the first run")
+                        "warm-up, seed + 1); 0 (the shipped model): export after the first run")
     p.add_argument("--init_only", action="store_true", help="stop after step 1 (the from-scratch demo path)")
     p.add_argument("--seed", type=int, default=0)
     args = parse_args_with_recipe(p, argv)

@@ -310,3 +310,22 @@ def test_epsilon_zero_snr_model_is_refused_before_training(assets, tmp_path):
     # MSE-only training never forms the x0 estimate: accepted
     script.main(script.parse_args(argv + ["--lambda_contrastive", "0", "--lambda_diversity", "0", "--lambda_mse", "1",
                                           "--output_dir", str(tmp_path / "mse")]))
+
+
+def test_demo_edge_recipe_moves_the_trainable_weights(assets, tmp_path):
+    """The no-op guard: a few steps of the demo's EDGE recipe move the trainable set by more than 1e-3 of its norm.
+
+    (The recipe before this test, SGD 1e-3 with clipping, moved DiffFit weights by about 1e-5 per step.) The
+    movement is logged at each validation and in logs/run_summary.json, with the validation samples' change.
+    """
+    out = tmp_path / "run"
+    script.main(script.parse_args(["--config", "configs/demo_edge.yaml", *_argv(assets, out),
+                                   "--max_train_steps", "4", "--train_batch_size", "4", "--checkpointing_steps", "0",
+                                   "--validation_steps", "2", "--validation_inference_steps", "2",
+                                   "--mixed_precision", "no"]))
+    summary = json.loads((out / "logs" / "run_summary.json").read_text())
+    assert summary["steps"] == 4 and summary["trainable"] == "difffit"
+    assert summary["param_change"] > 1e-3
+    assert summary["pixel_change"] is not None and summary["pixel_change"] >= 0.0
+    steps = [json.loads(line)["step"] for line in (out / "logs" / "movement.jsonl").read_text().splitlines()]
+    assert steps == [2, 4]

@@ -82,7 +82,11 @@ def render_validation(unet, vae, text_encoder, tokenizer, noise_scheduler, promp
 
 
 def validate(accelerator, args, unet, ema_unet, vae, text_encoder, tokenizer, noise_scheduler, step, output_dir):
-    """Main process: render the validation prompts to validation/step-<N>.png (and TensorBoard)."""
+    """Main process: render the validation prompts to validation/step-<N>.png (and TensorBoard); returns the grid.
+
+    Other processes return None.
+    """
+    grid = None
     if accelerator.is_main_process:
         import numpy as np
 
@@ -102,3 +106,4 @@ def validate(accelerator, args, unet, ema_unet, vae, text_encoder, tokenizer, no
             if tracker.name == "tensorboard":
                 tracker.writer.add_images("validation", np.asarray(grid)[None], step, dataformats="NHWC")
     accelerator.wait_for_everyone()
+    return grid

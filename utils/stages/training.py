@@ -13,13 +13,14 @@ from pathlib import Path
 
 import torch
 
-from utils.common.atomic_io import append_jsonl, read_jsonl
+from utils.common.atomic_io import append_jsonl, atomic_write_json, read_jsonl
 from utils.common.precision import weight_dtype as weight_dtype_of
 from utils.common.seeding import derive_seed
 from utils.method.edge_step import EDGELossConfig, edge_losses
 from utils.method.losses import GatheredEDGELosses
+from utils.method.movement import mean_abs_pixel_change, relative_change, snapshot
 from utils.stages.train_data import dataset_unit
-from utils.stages.train_plots import plot_loss_curves, validate
+from utils.stages.train_plots import plot_loss_curves, render_validation, validate
 from utils.stages.train_run import (LOG_NAME, check_run_folder, finished_run, register_checkpoint_hooks,
                                     resolve_resume, save_checkpoint, save_final_model, trim_log)
 from utils.stages.train_setup import (TrainData, TrainModels, build_accelerator, build_ema, build_optimizer,
@@ -49,6 +50,9 @@ class TrainSetup:
     num_epochs: int
     output_dir: Path
     logging_dir: Path
+    start_params: list = None  # trainable weights before the first step (the no-op guard's theta_0)
+    start_grid: object = None  # validation samples of the starting model (same prompts and seeds)
+    movement: dict = None      # the last {"step", "param_change", "pixel_change"}
 
 
 # ---------------------------------------------------------------- setup
@@ -85,9 +89,29 @@ def setup_training(args) -> TrainSetup:
     if ema_unet is not None:
         accelerator.register_for_checkpointing(ema_unet)
     register_checkpoint_hooks(accelerator, args.trainable)
-    return TrainSetup(args, accelerator, cfg, models, data, weight_dtype, gatherer, ema_unet, optimizer,
-                      lr_scheduler, max_train_steps, steps_per_epoch, math.ceil(max_train_steps / steps_per_epoch),
-                      output_dir, logging_dir)
+    s = TrainSetup(args, accelerator, cfg, models, data, weight_dtype, gatherer, ema_unet, optimizer,
+                   lr_scheduler, max_train_steps, steps_per_epoch, math.ceil(max_train_steps / steps_per_epoch),
+                   output_dir, logging_dir)
+    _record_start(s)
+    return s
+
+
+def _record_start(s: TrainSetup) -> None:
+    """Keep the starting weights and (with validation prompts) render the starting model's validation samples.
+
+    Runs before a resume loads its checkpoint, so theta_0 is always the model the run started from.
+    """
+    if not s.accelerator.is_main_process:
+        return
+    s.start_params = snapshot(s.models.params)
+    args, m = s.args, s.models
+    if args.validation_prompts:
+        unet = s.accelerator.unwrap_model(m.unet)
+        with torch.autocast(s.accelerator.device.type, enabled=s.accelerator.mixed_precision != "no"):
+            s.start_grid = render_validation(unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler,
+                                             args.validation_prompts, args.resolution, args.seed,
+                                             args.validation_inference_steps, args.validation_guidance_scale,
+                                             s.accelerator.device)
 
 
 # ---------------------------------------------------------------- resume, loop, end
@@ -208,9 +232,28 @@ def run_steps(s: TrainSetup, global_step: int, first_epoch: int, skip_batches: i
 
 
 def _validate(s: TrainSetup, unet, step: int) -> None:
+    """Validation grid, then how far the weights and the samples moved from the start (logged and printed)."""
     m = s.models
-    validate(s.accelerator, s.args, unet, s.ema_unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler, step,
-             s.output_dir)
+    grid = validate(s.accelerator, s.args, unet, s.ema_unet, m.vae, m.text_encoder, m.tokenizer, m.noise_scheduler,
+                    step, s.output_dir)
+    if s.accelerator.is_main_process:
+        _log_movement(s, step, grid)
+
+
+def _log_movement(s: TrainSetup, step: int, grid=None) -> dict:
+    """{"step", "param_change", "pixel_change"} -> logs/movement.jsonl, trackers and one printed line."""
+    if s.start_params is None:
+        return None
+    record = {"step": step, "param_change": relative_change(s.models.params, s.start_params),
+              "pixel_change": (mean_abs_pixel_change(grid, s.start_grid)
+                               if grid is not None and s.start_grid is not None else None)}
+    append_jsonl(s.logging_dir / "movement.jsonl", record)
+    s.accelerator.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+    pixels = "" if record["pixel_change"] is None else \
+        f", validation samples changed by {record['pixel_change']:.2f}/255 (mean abs)"
+    s.accelerator.print(f"step {step}: trainable weights moved {record['param_change']:.2e} of their norm{pixels}")
+    s.movement = record
+    return record
 
 
 def finish(s: TrainSetup, global_step: int) -> None:
@@ -222,6 +265,9 @@ def finish(s: TrainSetup, global_step: int) -> None:
         _validate(s, unwrapped, global_step)
     log_path = s.logging_dir / LOG_NAME
     if accelerator.is_main_process:
+        movement = s.movement if s.movement and s.movement["step"] == global_step else _log_movement(s, global_step)
+        atomic_write_json(s.logging_dir / "run_summary.json", {"steps": global_step, **(movement or {}),
+                                                              "trainable": s.args.trainable})
         save_final_model(s.args, unwrapped, s.ema_unet, s.output_dir)
         if log_path.exists() and read_jsonl(log_path):
             plot_loss_curves(log_path, s.logging_dir / "loss_curves.png", title=f"{s.output_dir.name}: training terms")
