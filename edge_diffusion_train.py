@@ -110,6 +110,11 @@ def _objective_flags(a) -> None:
     a("--temperature", type=float, default=0.1)
     a("--t_min", type=int, default=0, help="smallest training timestep")
     a("--t_max", type=int, default=None, help="largest training timestep (default: num_train_timesteps - 1)")
+    a("--edge_t_min", type=int, default=None,
+      help="EDGE terms on their own timestep range (e.g. 500: high noise, where the x0 estimate does not already "
+           "hold the real image's shape) through a second UNet forward; the MSE term keeps --t_min..--t_max. "
+           "Default: the MSE term's draw (one forward, as in the paper)")
+    a("--edge_t_max", type=int, default=None, help="upper end of --edge_t_min's range (default: --t_max)")
     a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
       help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points, "
            "without each image's similarity to its own caption; image")

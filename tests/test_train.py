@@ -329,3 +329,26 @@ def test_demo_edge_recipe_moves_the_trainable_weights(assets, tmp_path):
     assert summary["pixel_change"] is not None and summary["pixel_change"] >= 0.0
     steps = [json.loads(line)["step"] for line in (out / "logs" / "movement.jsonl").read_text().splitlines()]
     assert steps == [2, 4]
+
+
+def test_edge_timestep_range_draws_a_second_forward(assets, tmp_path, monkeypatch):
+    """--edge_t_min: the UNet runs twice per step, the second time at timesteps of the EDGE range only."""
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    original = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, *a, **k):
+        seen.append(torch.as_tensor(timestep).flatten().tolist())
+        return original(self, sample, timestep, *a, **k)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    out = tmp_path / "run"
+    script.main(script.parse_args(_argv(assets, out, "--max_train_steps", "2", "--train_batch_size", "4",
+                                        "--lambda_mse", "1", "--edge_t_min", "900", "--validation_steps", "0",
+                                        "--checkpointing_steps", "0")))
+    train_calls = seen[:4]  # two steps x (MSE forward, EDGE forward)
+    assert all(min(t) >= 900 for t in train_calls[1::2])
+    assert any(min(t) < 900 for t in train_calls[0::2])
+    with pytest.raises(InputError, match="--edge_t_min"):
+        script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--edge_t_min", "5000")))

@@ -1,6 +1,7 @@
 """The EDGE training step: one batch's noise-MSE, contrastive and diversity terms through the x0 estimate.
 
   z0 = vae.encode(x) * scaling_factor;  zt = add_noise(z0, eps, t), t ~ U{t_min..t_max}
+  (with --edge_t_min/--edge_t_max the EDGE terms use a second draw t' ~ U{edge_t_min..edge_t_max} and forward)
   pred = unet(zt, t, text_encoder(caption))                 (the noised latent, not z0)
   x0^ = predicted_x0(pred, zt, t);  img^ = vae.decode(x0^ / scaling_factor)   (with gradients)
   L = lambda_C * contrastive(scorer(img^), scorer(caption)) + lambda_D * diversity(...) + lambda_mse * MSE
@@ -26,6 +27,12 @@ class EDGELossConfig:
     x0_clamp: float = None
     t_min: int = 0
     t_max: int = 999
+    edge_t_min: int = None  # EDGE terms on their own timestep range (second UNet forward); None: the MSE's draw
+    edge_t_max: int = None
+
+    @property
+    def separate_edge_timesteps(self) -> bool:
+        return self.uses_scorer and (self.edge_t_min is not None or self.edge_t_max is not None)
 
     @property
     def uses_scorer(self) -> bool:
@@ -68,6 +75,13 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         out["mse"] = noise_mse_loss(model_pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
         loss = loss + cfg.lambda_mse * out["mse"]
     if cfg.uses_scorer:
+        if cfg.separate_edge_timesteps:  # fresh noise at a timestep of the EDGE range, same latents and captions
+            lo = cfg.t_min if cfg.edge_t_min is None else cfg.edge_t_min
+            hi = cfg.t_max if cfg.edge_t_max is None else cfg.edge_t_max
+            timesteps = torch.randint(lo, hi + 1, (latents.shape[0],), generator=generator).to(device)
+            noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator).to(device),
+                                              timesteps)
+            model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
         x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
         images = (decoder or (lambda z: vae_decode(vae, z)))(x0.to(weight_dtype))
         u = scorer.encode_image(images)

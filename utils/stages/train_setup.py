@@ -94,8 +94,13 @@ def prepare_models(args, cfg: EDGELossConfig, device, weight_dtype) -> TrainMode
     cfg.t_max = n_train_t - 1 if args.t_max is None else args.t_max
     if not 0 <= cfg.t_min <= cfg.t_max < n_train_t:
         raise fail(f"need 0 <= --t_min <= --t_max < {n_train_t}, got {cfg.t_min}..{cfg.t_max}")
+    cfg.edge_t_min, cfg.edge_t_max = getattr(args, "edge_t_min", None), getattr(args, "edge_t_max", None)
+    lo = cfg.t_min if cfg.edge_t_min is None else cfg.edge_t_min
+    hi = cfg.t_max if cfg.edge_t_max is None else cfg.edge_t_max
+    if cfg.separate_edge_timesteps and not 0 <= lo <= hi < n_train_t:
+        raise fail(f"need 0 <= --edge_t_min <= --edge_t_max < {n_train_t}, got {lo}..{hi}")
     if cfg.uses_scorer:
-        check_x0_estimable(comps.noise_scheduler, cfg.t_min, cfg.t_max)
+        check_x0_estimable(comps.noise_scheduler, min(cfg.t_min, lo), max(cfg.t_max, hi))
     scorer = build_scorer(args.scorer, device, weight_dtype) if cfg.uses_scorer else None
     decoder = None
     if cfg.uses_scorer and (getattr(args, "scorer_decode", "full") != "full" or getattr(args, "tiny_vae", None)):
