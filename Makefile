@@ -33,7 +33,8 @@ clean-demo:
 	rm -rf $(DEMO_OUT)
 
 # The small pre-trained SD shipped in assets/demo_sd (the demo's starting point), rebuilt from scratch:
-# procedural data -> tiny SD (2-layer MiniLM, v-prediction, zero-terminal SNR) -> VAE -> UNet -> fp16 export.
+# procedural data -> tiny SD (2-layer MiniLM, v-prediction, zero-terminal SNR) -> VAE (3000 steps) -> UNet (2000 steps)
+# -> fp16 export; about 35-45 min on 2 cores (docs/generator.md has what each step gives).
 .PHONY: demo-model
 demo-model: install
 	$(PY) -m dataset.procedural --config configs/demo_data.yaml --output_dir data/procedural32

@@ -1,7 +1,7 @@
 """Build the small Stable Diffusion that the offline demo starts from (assets/demo_sd), from scratch.
 
 Steps, each through the stage script a user would run by hand:
-  1. init: a tiny random-init SD (`utils.sd_models.build_tiny_sd`: MiniLM text encoder, v-prediction,
+  1. init: a tiny random-init SD (`utils.models.tiny.build_tiny_sd`: MiniLM text encoder, v-prediction,
      zero-terminal-SNR betas, trailing timestep spacing), made small and fast enough for the demo:
      the pretrained MiniLM keeps its first --text_encoder_layers layers and only the embedding rows of
      the common WordPiece ids plus every token of the data set's captions (tokenization of those
@@ -11,7 +11,7 @@ Steps, each through the stage script a user would run by hand:
   3. UNet pre-training (plain diffusion loss): `edge_diffusion_train.py --config configs/demo_model_build.yaml`,
      then --continue_steps more steps of the same recipe from its result (fresh AdamW state, no warm-up).
   4. export: UNet, VAE and text encoder as fp16 safetensors into --output_dir, a folder that
-     `StableDiffusionPipeline.from_pretrained` (and `utils.sd_models.load_sd_pipeline`) loads as it is.
+     `StableDiffusionPipeline.from_pretrained` (and `utils.models.sd_models.load_sd_pipeline`) loads as it is.
 
 Usage:
     python -m demo.build_demo_model --data data/procedural32 --work_dir runs/demo_model --output_dir assets/demo_sd
