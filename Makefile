@@ -39,3 +39,9 @@ clean-demo:
 demo-model: install
 	$(PY) -m dataset.procedural --config configs/demo_data.yaml --output_dir data/procedural32
 	$(PY) -m demo.build_demo_model --data data/procedural32 --work_dir runs/demo_model --output_dir assets/demo_sd
+
+# The paper's ablation on the demo (random / before / MSE-only control / +contrastive / EDGE / cpi 2 / full),
+# 5 evaluation seeds: outputs/ablation/ablation.md. Roughly 1 h on 2 free cores (not yet timed end to end).
+.PHONY: ablation
+ablation: install
+	$(PY) -m demo.ablation --output_dir outputs/ablation --seeds 5

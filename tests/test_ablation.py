@@ -1,0 +1,20 @@
+"""The ablation table: rows in the paper's order, noise printed, movement shown."""
+from types import SimpleNamespace
+
+from demo.ablation import ROW_LABELS, VARIANTS, markdown
+
+
+def test_markdown_lists_rows_with_their_noise_and_movement():
+    s = lambda m, sd: {k: {"mean": m, "std": sd} for k in ("r_mean", "img_r1", "txt_r1")}  # noqa: E731
+    numbers = {"retrieval": {"random": s(10.0, 0.5), "mse_only": s(9.0, 1.0), "edge": s(12.0, 0.4)},
+               "image_steps": {"random": 3000, "mse_only": 3000, "edge": 3000},
+               "prompt_following": {}, "prompt_rank": {},
+               "moved": {ROW_LABELS["edge"]: {"param_change": 0.0123, "pixel_change": 4.5}}}
+    args = SimpleNamespace(base_model="assets/demo_sd", edge_config="configs/demo_edge.yaml", edge_flags="",
+                           num_images=100, seeds=5, seed=0, follow_samples=300)
+    md = markdown(args, numbers)
+    lines = md.splitlines()
+    rows = [line for line in lines if line.startswith("| ") and "±" in line]
+    assert [r.split(" | ")[0][2:] for r in rows] == [ROW_LABELS[k] for k in ("random", "mse_only", "edge")]
+    assert "12.0 ± 0.4" in md and "| 0.0123 | 4.50 |" in md
+    assert set(VARIANTS) == {"mse_only", "contrastive", "edge"}  # the control and the two EDGE steps
