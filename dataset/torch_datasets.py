@@ -35,6 +35,8 @@ class ImageCaptionTrainDataset(Dataset):
     restarts at 0 after a resume, so resumed epochs would draw the captions of epoch 0, 1, ...)
     """
 
+    resolution = None  # the size the transform resizes to: far smaller images get a one-time warning
+
     def __init__(self, groups, image_root, transform=None, seed: int = 0, unit: str = "images"):
         if unit not in EPOCH_UNITS:
             raise fail(f"--epoch_unit must be one of {', '.join(EPOCH_UNITS)}, got '{unit}'")
@@ -91,7 +93,7 @@ class ImageCaptionTrainDataset(Dataset):
     def __getitem__(self, k: int) -> dict:
         i, j = self.item_ref(k)
         group = self.groups[i]
-        image = load_image(self.image_root / group["image"])
+        image = load_image(self.image_root / group["image"], self.resolution)
         return {"pixel_values": self.transform(image), "caption": group["captions"][j], "index": i}
 
 
@@ -100,6 +102,8 @@ class RetrievalEvalDataset(Dataset):
 
     Items are (image tensor, image index).
     """
+
+    resolution = None  # the size the transform resizes to: far smaller images get a one-time warning
 
     def __init__(self, eval_entries, image_root, transform=None):
         if not eval_entries:
@@ -124,4 +128,4 @@ class RetrievalEvalDataset(Dataset):
         return len(self.entries)
 
     def __getitem__(self, i: int):
-        return self.transform(load_image(self.image_root / self.images[i])), i
+        return self.transform(load_image(self.image_root / self.images[i], self.resolution)), i

@@ -19,6 +19,7 @@ def eval_split(args, split, size, text_encoder, cache_dir):
 
     entries, _, image_root = read_split(args.dataset, split, args.ann_root, args.image_root)
     ds = RetrievalEvalDataset(entries, image_root, transform=partial(resize_to_uint8, size=size))
+    ds.resolution = size
     if len(ds.texts) == 0:
         raise fail(f"{args.dataset} {split} split has no captions")
     images = load_images_uint8(ds, args.num_workers, desc=f"{split} images")
@@ -93,6 +94,7 @@ def build_train_set(args, size, text_encoder, cache_dir, lors=None):
         caption_ids.append(list(range(len(captions), len(captions) + len(g["captions"]))))
         captions.extend(g["captions"])
     ds = ImageCaptionTrainDataset(groups, image_root, transform=partial(resize_to_uint8, size=size))
+    ds.resolution = size
     images = load_images_uint8(ds, args.num_workers, desc="train images")
     feats = cached_text_features(text_encoder, captions, cache_dir)
     train = TrainSet(images=images, caption_ids=caption_ids, text_features=feats, name=str(image_root))

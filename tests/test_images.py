@@ -72,3 +72,25 @@ def test_far_smaller_image_warns_once(tmp_path, monkeypatch, capsys):
 def test_other_modes_still_become_rgb(tmp_path, mode):
     Image.new(mode, (4, 4)).save(tmp_path / f"x.{'jpg' if mode == 'CMYK' else 'png'}")
     assert load_image(tmp_path / f"x.{'jpg' if mode == 'CMYK' else 'png'}").mode == "RGB"
+
+
+def test_training_and_evaluation_loaders_warn_about_a_tiny_image(tmp_path, monkeypatch, capsys):
+    """The warning reaches real runs: the training set built from flags, and the evaluator's split reader."""
+    from types import SimpleNamespace
+
+    from dataset.torch_datasets import RetrievalEvalDataset
+    from utils.stages.train_data import build_train_dataset
+
+    monkeypatch.setattr(images, "_warned_small", False)
+    Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
+    (tmp_path / "train.json").write_text('[{"image": "dot.png", "caption": "a dot", "image_id": 0}]')
+    args = SimpleNamespace(epoch_unit="images", train_data_dir=None, dataset="karpathy", ann_root=str(tmp_path / "train.json"),
+                           image_root=str(tmp_path), max_train_samples=None, seed=0, resolution=32)
+    ds = build_train_dataset(args, transform=lambda im: im)
+    ds[0]
+    assert "dot.png is 1x1, far smaller than the resolution 32" in capsys.readouterr().err
+    monkeypatch.setattr(images, "_warned_small", False)
+    ev = RetrievalEvalDataset([{"image": "dot.png", "caption": ["a dot"]}], tmp_path, transform=lambda im: im)
+    ev.resolution = 64
+    ev[0]
+    assert "far smaller than the resolution 64" in capsys.readouterr().err

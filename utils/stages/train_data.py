@@ -53,8 +53,10 @@ def build_train_dataset(args, transform, unit: str = None):
     if args.train_data_dir:
         from dataset.distilled import read_distilled_set
 
-        return ImageCaptionTrainDataset.from_distilled(read_distilled_set(args.train_data_dir), transform,
-                                                       seed=args.seed, unit=unit)
+        ds = ImageCaptionTrainDataset.from_distilled(read_distilled_set(args.train_data_dir), transform,
+                                                     seed=args.seed, unit=unit)
+        ds.resolution = args.resolution
+        return ds
     from dataset.karpathy import group_by_image
     from dataset.registry import read_split
 
@@ -62,7 +64,9 @@ def build_train_dataset(args, transform, unit: str = None):
     groups = group_by_image(entries)
     if args.max_train_samples:
         groups = groups[: args.max_train_samples]
-    return ImageCaptionTrainDataset(groups, image_root, transform, seed=args.seed, unit=unit)
+    ds = ImageCaptionTrainDataset(groups, image_root, transform, seed=args.seed, unit=unit)
+    ds.resolution = args.resolution
+    return ds
 
 
 def dataset_unit(dataset) -> str:
