@@ -22,21 +22,22 @@ import io
 import json
 import math
 import random
-import re
 import shutil
 import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-from PIL import Image, ImageDraw
+from PIL import Image
 from tqdm import tqdm
 
 from utils.common.atomic_io import atomic_write_json
 from utils.common.config import parse_args_with_recipe
 from utils.common.errors import InputError, fail, run_cli
 from utils.common.seeding import derive_seed
+
+from dataset.procedural_captions import _TEMPLATES, caption_attributes, make_captions  # noqa: F401 (re-exported)
+from dataset.procedural_drawing import render_scene
 
 FORMAT_VERSION = 2  # bump whenever drawing or caption code changes the output
 SPLITS = ("train", "val", "test")
@@ -181,178 +182,6 @@ def _no_overlap(placed) -> bool:
     return True
 
 
-# ---------------------------------------------------------------- drawing
-
-def _polygon(kind, cx, cy, r, angle_deg):
-    """Vertices of a shape of radius ~r around (cx, cy), rotated by angle_deg."""
-    if kind == "square":
-        pts = [(math.radians(45 + 90 * k), 1.15 * r) for k in range(4)]
-    elif kind == "diamond":
-        pts = [(math.radians(90 * k), 1.2 * r) for k in range(4)]
-    elif kind == "triangle":
-        pts = [(math.radians(-90 + 120 * k), 1.2 * r) for k in range(3)]
-    elif kind == "hexagon":
-        pts = [(math.radians(60 * k), 1.05 * r) for k in range(6)]
-    elif kind == "star":
-        pts = [(math.radians(-90 + 36 * k), (1.25 if k % 2 == 0 else 0.5) * r) for k in range(10)]
-    elif kind == "cross":
-        a, b = 0.36 * r, 1.1 * r  # half arm width, arm length
-        xy = [(a, b), (a, a), (b, a), (b, -a), (a, -a), (a, -b), (-a, -b), (-a, -a), (-b, -a), (-b, a),
-              (-a, a), (-a, b)]
-        pts = [(math.atan2(y, x), math.hypot(x, y)) for x, y in xy]
-    else:
-        raise ValueError(kind)
-    rot = math.radians(angle_deg)
-    return [(cx + rad * math.cos(t + rot), cy + rad * math.sin(t + rot)) for t, rad in pts]
-
-
-def render_scene(scene: dict, resolution: int, supersample: int = 4) -> Image.Image:
-    """Draw a scene (from `sample_scene`) as an RGB image of side `resolution`."""
-    side = resolution * supersample
-    top, bottom = (np.array(c, dtype=np.float32) for c in BACKGROUND_PALETTE[scene["background"]])
-    ramp = np.linspace(0.0, 1.0, side, dtype=np.float32)[:, None, None]
-    pixels = np.broadcast_to(top + (bottom - top) * ramp, (side, side, 3))
-    image = Image.fromarray(np.rint(pixels).astype(np.uint8), "RGB")
-    draw = ImageDraw.Draw(image)
-    for o in scene["objects"]:
-        cx, cy, r, angle = (v * side if k < 3 else v for k, v in enumerate(o["geometry"]))
-        colour = COLOUR_PALETTE[o["colour"]]
-        if o["shape"] == "circle":
-            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=colour)
-        else:
-            draw.polygon(_polygon(o["shape"], cx, cy, r, angle), fill=colour)
-    return image.reduce(supersample) if supersample > 1 else image
-
-
-# ---------------------------------------------------------------- captions
-
-_SIZE_WORDS = {"small": ("small", "little"), "large": ("large", "big")}
-_POS_PHRASES = {
-    "left": ("on the left", "at the left", "on the left side"),
-    "right": ("on the right", "at the right", "on the right side"),
-    "top": ("at the top", "near the top", "in the upper part"),
-    "bottom": ("at the bottom", "near the bottom", "in the lower part"),
-    "center": ("in the center", "in the middle", "at the center"),
-}
-_POS_SHORT = {"left": "left side", "right": "right side", "top": "top", "bottom": "bottom", "center": "center"}
-_COUNT_WORDS = ("zero", "one", "two", "three", "four")
-
-
-def _join(parts):
-    return parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
-
-
-def _a(phrase: str) -> str:
-    return ("an " if phrase[0] in "aeiou" else "a ") + phrase
-
-
-def _size(o, rng):
-    return rng.choice(_SIZE_WORDS[o["size"]])
-
-
-def _pos(o, rng):
-    return rng.choice(_POS_PHRASES[o["position"]])
-
-
-def _listing(objs, rng):
-    return _join([_a(f"{_size(o, rng)} {o['colour']} {o['shape']} {_pos(o, rng)}") for o in objs])
-
-
-def _t_plain(objs, bg, rng):
-    return _listing(objs, rng)
-
-
-def _t_on_background(objs, bg, rng):
-    return _listing(objs, rng) + f" on {_a(bg)} background"
-
-
-def _t_there_is(objs, bg, rng):
-    if len(objs) == 1:
-        o = objs[0]
-        return f"there is one {_size(o, rng)} {o['shape']} in {o['colour']} {_pos(o, rng)} of {_a(bg)} background"
-    return f"there are {_COUNT_WORDS[len(objs)]} shapes on {_a(bg)} background: {_listing(objs, rng)}"
-
-
-def _t_terse(objs, bg, rng):
-    return "; ".join(f"{o['colour']} {o['shape']}, {'big' if o['size'] == 'large' else 'small'}, "
-                     f"{_POS_SHORT[o['position']]}" for o in objs)
-
-
-def _t_picture(objs, bg, rng):
-    return rng.choice(("a picture of ", "an image of ", "a drawing of ")) + _listing(objs, rng)
-
-
-def _t_background_with(objs, bg, rng):
-    return f"{bg} background with " + _listing(objs, rng)
-
-
-def _t_position_first(objs, bg, rng):
-    return "; ".join(f"{_pos(o, rng)}, {_a(_size(o, rng))} {o['colour']} {o['shape']}" for o in objs)
-
-
-def _t_shape_first(objs, bg, rng):
-    return _join([f"one {_size(o, rng)} {o['shape']} coloured {o['colour']} {_pos(o, rng)}" for o in objs])
-
-
-def _t_count(objs, bg, rng):
-    noun = "shape" if len(objs) == 1 else "shapes"
-    items = _join([_a(f"{o['colour']} {o['shape']} ({o['size']}, {_POS_SHORT[o['position']]})") for o in objs])
-    return f"{_COUNT_WORDS[len(objs)]} {noun}: {items}"
-
-
-_TEMPLATES = (_t_plain, _t_on_background, _t_there_is, _t_terse, _t_picture, _t_background_with,
-              _t_position_first, _t_shape_first, _t_count)
-
-
-def make_captions(scene: dict, n: int, rng: random.Random) -> list:
-    """`n` captions from distinct templates, each naming every object's colour, shape, size and position."""
-    captions = []
-    for template in rng.sample(_TEMPLATES, n):
-        objs = list(scene["objects"])
-        rng.shuffle(objs)
-        captions.append(template(objs, scene["background"], rng))
-    return captions
-
-
-# Words that name a size or a coarse position in any template (see _SIZE_WORDS, _POS_PHRASES, _POS_SHORT).
-_SIZE_READING = {"small": "small", "little": "small", "large": "large", "big": "large"}
-_POSITION_READING = {"left": "left", "right": "right", "top": "top", "upper": "top", "bottom": "bottom",
-                     "lower": "bottom", "center": "center", "middle": "center"}
-
-
-def caption_attributes(caption: str, spec: ProceduralSpec = None) -> dict:
-    """The colours, shape kinds, sizes, positions and backgrounds a caption names, in order of first mention.
-
-    Returns {"colours", "shapes", "sizes", "positions", "backgrounds"}, each a list of names. Words are
-    matched against the spec's colours, shapes and backgrounds (all known ones when `spec` is None) as
-    whole words, plurals of shapes included; sizes and positions are read from the templates' synonyms
-    ("big" -> large, "in the middle" -> center).
-    """
-    colours = spec.colours if spec is not None else tuple(COLOUR_PALETTE)
-    shapes = spec.shapes if spec is not None else SHAPE_KINDS
-    backgrounds = spec.backgrounds if spec is not None else tuple(BACKGROUND_PALETTE)
-    text = caption.lower()
-
-    def find(words, plural=False):
-        """words: {word: name}; names in order of first mention, each once."""
-        hits = {}
-        for word, name in words.items():
-            pattern = r"\b" + re.escape(word) + (r"(?:es|s)?" if plural else "") + r"\b"
-            m = re.search(pattern, text)
-            if m and (name not in hits or m.start() < hits[name]):
-                hits[name] = m.start()
-        return [name for name, _ in sorted(hits.items(), key=lambda kv: kv[1])]
-
-    # "light grey" and "grey gradient" share a word: match the longer names first and blank them out.
-    found_backgrounds = []
-    for name in sorted(backgrounds, key=len, reverse=True):
-        m = re.search(r"\b" + re.escape(name) + r"\b", text)
-        if m:
-            found_backgrounds.append((m.start(), name))
-            text = text[:m.start()] + " " * len(name) + text[m.end():]
-    return {"colours": find({c: c for c in colours}), "shapes": find({s: s for s in shapes}, plural=True),
-            "sizes": find(_SIZE_READING), "positions": find(_POSITION_READING),
-            "backgrounds": [name for _, name in sorted(found_backgrounds)]}
 
 
 # ---------------------------------------------------------------- data set files
