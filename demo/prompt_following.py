@@ -48,8 +48,9 @@ class AttributeClassifier(nn.Module):
 
 def to_tensor(images, resolution: int) -> torch.Tensor:
     """PIL images -> float tensor [N,3,R,R] in [-1,1], resized to the data set's resolution."""
-    arrays = [np.asarray(im.convert("RGB").resize((resolution, resolution)), dtype=np.float32) for im in images]
-    return torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2) / 127.5 - 1.0
+    from dataset.torch_datasets import to_tensor as one
+
+    return torch.stack([one(im.convert("RGB").resize((resolution, resolution))) for im in images]) * 2.0 - 1.0
 
 
 def wilson_interval(k: int, n: int, z: float = 1.96) -> tuple:
