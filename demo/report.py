@@ -3,7 +3,7 @@ import json
 import shutil
 from pathlib import Path
 
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from dataset.distilled import read_distilled_set
 from dataset.images import load_image
@@ -29,29 +29,11 @@ def fmt(summary: dict, key: str) -> str:
 
 def comparison_grid(rows: list, labels: list, prompts: list, cell: int = 96) -> Image.Image:
     """A grid with one row per image source (real / before / after) and one column per prompt."""
-    pad_left, pad_top, line_h = 150, 6, 11
-    n_cols = max(len(r) for r in rows)
-    text_h = 4 * line_h
-    grid = Image.new("RGB", (pad_left + n_cols * cell, pad_top + len(rows) * cell + text_h), "white")
-    draw = ImageDraw.Draw(grid)
-    for r, (images, label) in enumerate(zip(rows, labels)):
-        y = pad_top + r * cell
-        draw.text((4, y + cell // 2 - 6), label, fill="black")
-        for c, im in enumerate(images):
-            grid.paste(im.convert("RGB").resize((cell - 4, cell - 4), Image.NEAREST), (pad_left + c * cell, y))
-    y0 = pad_top + len(rows) * cell
-    for c, p in enumerate(prompts):
-        words, lines, cur = p.split(), [], ""
-        for w in words:
-            if len(cur) + len(w) + 1 > 15:
-                lines.append(cur)
-                cur = w
-            else:
-                cur = f"{cur} {w}".strip()
-        lines.append(cur)
-        for k, line in enumerate(lines[:4]):
-            draw.text((pad_left + c * cell, y0 + k * line_h), line, fill="black")
-    return grid
+    from utils.stages.sampled_set import labelled_grid
+
+    images = [im for row in rows for im in row]
+    names = [f"{label}: {p}" for label in labels for p in prompts[:len(rows[0])]]
+    return labelled_grid(images, names, cell=cell, cols=max(len(r) for r in rows))
 
 
 def _load_results(folder: Path):
