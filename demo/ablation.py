@@ -20,8 +20,10 @@ import json
 import sys
 from pathlib import Path
 
+from demo.report import image_steps
 from demo.run_demo import (TRAIN_RERUN, StageRunner, _caption_done, _full_epochs, _is_pipeline, _manifest_complete,
-                           _python, _read_json, data_flags, quick_overrides, run_eval)
+                           _python, _read_json, add_stage_recipes, check_data_flags, data_flags, quick_overrides,
+                           run_eval)
 from utils.common.atomic_io import atomic_write_json, atomic_write_text
 from utils.common.config import parse_args_with_recipe, save_run_config
 from utils.common.errors import fail, run_cli
@@ -58,14 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--full_epochs", type=int, default=None)
     p.add_argument("--edge_flags", default="", help="extra flags for every fine-tuning run (quoted string)")
     p.add_argument("--quick", action="store_true", help="tiny configuration (the test)")
-    p.add_argument("--data_config", default="configs/demo_data.yaml")
-    p.add_argument("--edge_config", default="configs/demo_edge.yaml")
-    p.add_argument("--sample_config", default="configs/sample_demo.yaml")
-    p.add_argument("--caption_config", default="configs/caption_retrieval.yaml")
-    p.add_argument("--eval_config", default="configs/demo_eval.yaml")
+    add_stage_recipes(p)
     args = parse_args_with_recipe(p, argv)
-    if bool(args.data) != bool(args.images):
-        raise fail("--data and --images go together (annotation folder and image root of your data)")
+    check_data_flags(args)
     if args.seeds < 2:
         raise fail("--seeds must be at least 2 (seed 1's full-set model is the independent judge)")
     if not _is_pipeline(Path(args.base_model)):
@@ -148,13 +145,8 @@ def collect(args, info) -> dict:
         if summary:
             moved[labels[name]] = {k: summary.get(k) for k in ("param_change", "pixel_change")}
     return {"retrieval": {k: v.get("summary") for k, v in rows.items() if v},
-            "image_steps": {k: _image_steps(v) for k, v in rows.items() if v},
+            "image_steps": {k: image_steps(v) for k, v in rows.items() if v},
             "prompt_following": follow, "prompt_rank": rank, "moved": moved}
-
-
-def _image_steps(result: dict):
-    n = (result.get("train_set") or {}).get("n_images")
-    return None if n is None else int(n) * int(result["config"]["epochs"])
 
 
 def markdown(args, numbers: dict) -> str:

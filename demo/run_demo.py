@@ -46,19 +46,29 @@ def parse_args(argv=None):
                         "enough that it sees at least as many images as the --num_images rows (full_set_epochs)")
     p.add_argument("--quick", action="store_true",
                    help="A much smaller configuration of the same pipeline (the end-to-end test)")
-    p.add_argument("--data_config", default="configs/demo_data.yaml")
     p.add_argument("--vae_config", default="configs/demo_vae.yaml")
     p.add_argument("--pretrain_config", default="configs/demo_pretrain.yaml")
+    add_stage_recipes(p)
+    args = parse_args_with_recipe(p, argv)
+    check_data_flags(args)
+    return args
+
+
+def add_stage_recipes(p) -> None:
+    """The recipe flags of the stages the demo and the ablation share."""
+    p.add_argument("--data_config", default="configs/demo_data.yaml")
     p.add_argument("--edge_config", default="configs/demo_edge.yaml")
     p.add_argument("--sample_config", default="configs/sample_demo.yaml")
     p.add_argument("--caption_config", default="configs/caption_retrieval.yaml")
     p.add_argument("--eval_config", default="configs/demo_eval.yaml")
-    args = parse_args_with_recipe(p, argv)
+
+
+def check_data_flags(args) -> None:
+    """--data with --images, and a distilled set of at least 2 images (one line each)."""
     if bool(args.data) != bool(args.images):
         raise fail("--data and --images go together (annotation folder and image root of your data)")
     if args.num_images < 2:
         raise fail(f"--num_images must be at least 2, got {args.num_images}")
-    return args
 
 
 # ---------------------------------------------------------------- stage bookkeeping
