@@ -11,7 +11,6 @@ Usage:
         --set outputs/demo/sets/sd_before_edge --set outputs/demo/sets/edge_cpi1 [--real 300] [--json r.json]
 """
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,26 +46,11 @@ def parse_args(argv=None):
 def real_test_items(data_dir, n: int) -> tuple:
     """(PIL images, prompts) of the first `n` single-object test images, each with its first caption."""
     from dataset.procedural import read_attributes
+    from demo.prompt_rank import real_test_items as test_items
 
-    data_dir = Path(data_dir)
-    ann = data_dir / "annotations" / "procedural_test.json"
-    try:
-        entries = json.loads(ann.read_text())
-    except (OSError, json.JSONDecodeError) as e:
-        raise fail(f"cannot read the procedural test annotations {ann}: {e}")
     attributes = read_attributes(data_dir)
-    images, prompts = [], []
-    for i, e in enumerate(entries):
-        if len(images) >= n:
-            break
-        if not isinstance(e, dict) or "image" not in e or not e.get("caption"):
-            raise fail(f"{ann}: entry {i} needs 'image' and 'caption'")
-        if len(attributes.get(e["image"], {}).get("objects", [])) != 1:
-            continue
-        caps = e["caption"] if isinstance(e["caption"], list) else [e["caption"]]
-        images.append(load_image(data_dir / e["image"]))
-        prompts.append(caps[0])
-    return images, prompts
+    return test_items("procedural", data_dir, n=n,
+                      keep=lambda e: len(attributes.get(e["image"], {}).get("objects", [])) == 1)
 
 
 def set_items(folder) -> tuple:

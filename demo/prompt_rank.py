@@ -40,15 +40,18 @@ def prompt_rank_share(scorer, images, prompts, resolution: int, block: int = 100
     return result
 
 
-def real_test_items(dataset: str, ann_root, image_root=None, n: int = 300) -> tuple:
-    """(PIL images, prompts) of the first `n` test images of any registered data set, each with its first caption."""
+def real_test_items(dataset: str, ann_root, image_root=None, n: int = 300, keep=None) -> tuple:
+    """(PIL images, prompts) of the first `n` test images of any registered data set, each with its first caption.
+
+    keep: optional predicate on a test entry (e.g. single-object images only); others are skipped.
+    """
     from pathlib import Path
 
     from dataset.images import load_image
-    from dataset.registry import load_split, resolve_split
+    from dataset.registry import read_split
 
-    _, root = resolve_split(dataset, "test", ann_root, image_root)
-    entries = load_split(dataset, "test", ann_root, image_root, check_images=False)[:n]
+    entries, _, root = read_split(dataset, "test", ann_root, image_root, check_images=False)
+    entries = [e for e in entries if keep is None or keep(e)][:n]
     return [load_image(Path(root) / e["image"]) for e in entries], \
         [e["caption"][0] if isinstance(e["caption"], list) else e["caption"] for e in entries]
 
