@@ -9,14 +9,15 @@ import torch
 
 
 def snapshot(params) -> list:
-    """Detached float32 copies of parameters (the starting point theta_0)."""
-    return [p.detach().float().clone() for p in params]
+    """Detached float32 copies of parameters on the CPU (the starting point theta_0; kept off the accelerator,
+    where a full-UNet copy would cost GPU memory for the whole run)."""
+    return [p.detach().to("cpu", torch.float32, copy=True) for p in params]
 
 
 def relative_change(params, start: list) -> float:
     """||theta - theta_0|| / ||theta_0|| over all tensors together (0 when theta_0 is all zeros and unchanged)."""
-    diff = sum(float((p.detach().float().cpu() - s.cpu()).pow(2).sum()) for p, s in zip(params, start))
-    base = sum(float(s.cpu().pow(2).sum()) for s in start)
+    diff = sum(float((p.detach().to("cpu", torch.float32) - s).pow(2).sum()) for p, s in zip(params, start))
+    base = sum(float(s.pow(2).sum()) for s in start)
     if base == 0.0:
         return 0.0 if diff == 0.0 else float("inf")
     return (diff / base) ** 0.5
