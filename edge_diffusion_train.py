@@ -4,7 +4,7 @@ The UNet is trained (DiffFit bias/norm parameters by default, or LoRA, or all we
 images decoded from its denoised estimate match their captions under a frozen scorer (CLIP) and
 differ from each other; the VAE, text encoder and scorer stay frozen. The output folder loads with
 `StableDiffusionPipeline.from_pretrained` (LoRA: the base model + `load_lora_weights(output_dir)`).
-`--train_vae` instead trains the VAE of a (tiny) model as an autoencoder (offline demo).
+VAE pre-training (offline demo) has its own entry point: `python -m demo.pretrain_vae`.
 
 Usage:
   accelerate launch edge_diffusion_train.py --config configs/train_flickr30k.yaml \\
@@ -18,7 +18,6 @@ Usage:
 import argparse
 import sys
 
-from dataset.registry import DATASETS
 from dataset.torch_datasets import EPOCH_UNITS
 from utils.common.config import parse_args_with_recipe
 from utils.common.errors import fail, run_cli
@@ -27,6 +26,7 @@ from utils.method.losses import DIVERSITY_MODES
 from utils.method.trainable_params import TRAINABLE_SETS
 from utils.models.cheap_decode import SCORER_DECODE_MODES, check_decode_flags
 from utils.stages.latent_cache import check_cacheable
+from utils.stages.train_data import add_data_flags, check_common_flags
 
 LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial")
 
@@ -39,26 +39,12 @@ def build_parser() -> argparse.ArgumentParser:
     _optimisation_flags(a)
     _objective_flags(a)
     _run_flags(a)
-    _vae_flags(a)
     return p
 
 
 def _data_flags(a) -> None:
-    """Model, data and the training images' preprocessing."""
-    a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
-      help="hub id or diffusers folder of the Stable Diffusion model to fine-tune")
-    a("--dataset", choices=DATASETS, default="flickr30k")
-    a("--ann_root", default=None, help="annotation folder (or file) of --dataset")
-    a("--image_root", default=None, help="image folder (default: per data set, see dataset/registry.py)")
-    a("--train_data_dir", default=None, help="train on a distilled-set folder instead of --dataset")
-    a("--max_train_samples", type=int, default=None, help="use only the first N training images")
-    a("--output_dir", required=False, default=None)
-    a("--overwrite_output_dir", action="store_true", help="replace a different run already in --output_dir")
-    a("--resolution", type=int, default=512)
-    a("--center_crop", action="store_true", default=True)
-    a("--random_crop", dest="center_crop", action="store_false")
-    a("--random_flip", action="store_true")
-    a("--dataloader_num_workers", type=int, default=0)
+    """Model, data and preprocessing (shared with VAE pre-training), and caption dropout."""
+    add_data_flags(a)
     a("--caption_dropout", type=float, default=0.0,
       help="probability of an empty UNet caption (classifier-free guidance); such items count in the MSE term only "
            "and are left out of the contrastive and diversity terms (their sample was not conditioned on the caption)")
@@ -71,7 +57,7 @@ def _optimisation_flags(a) -> None:
     a("--epoch_unit", choices=EPOCH_UNITS, default="pairs",
       help="what one epoch passes over: pairs = every (image, caption) pair once (the public EDGE code; 5 per "
            "image on Flickr30K/COCO, so a batch may hold one image twice), images = every image once with one "
-           "caption drawn per epoch (--train_vae always uses images)")
+           "caption drawn per epoch")
     a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--gradient_checkpointing", action="store_true",
@@ -140,30 +126,16 @@ def _run_flags(a) -> None:
     a("--seed", type=int, default=0)
 
 
-def _vae_flags(a) -> None:
-    """VAE pre-training mode (offline demo)."""
-    a("--train_vae", action="store_true", help="train the model's VAE as an autoencoder instead (AdamW)")
-    a("--vae_kl_weight", type=float, default=1e-6)
-
-
 def validate_args(args) -> None:
     """Checks that need no file access; one-line InputError each."""
-    if not args.output_dir:
-        raise fail("--output_dir is required")
-    if not args.train_data_dir and not args.ann_root:
-        raise fail(f"need --ann_root (annotations of --dataset {args.dataset}) or --train_data_dir")
-    for name in ("train_batch_size", "gradient_accumulation_steps", "resolution", "num_train_epochs"):
-        if getattr(args, name) < 1:
-            raise fail(f"--{name} must be at least 1, got {getattr(args, name)}")
-    if args.max_train_steps is not None and args.max_train_steps < 1:
-        raise fail(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
-    if args.learning_rate <= 0:
-        raise fail(f"--learning_rate must be positive, got {args.learning_rate}")
+    check_common_flags(args)
+    if args.gradient_accumulation_steps < 1:
+        raise fail(f"--gradient_accumulation_steps must be at least 1, got {args.gradient_accumulation_steps}")
     if args.temperature <= 0:
         raise fail(f"--temperature must be positive, got {args.temperature}")
     if min(args.lambda_contrastive, args.lambda_diversity, args.lambda_mse) < 0:
         raise fail("loss weights (--lambda_*) must be non-negative")
-    if not args.train_vae and args.lambda_contrastive == 0 and args.lambda_diversity == 0 and args.lambda_mse == 0:
+    if args.lambda_contrastive == 0 and args.lambda_diversity == 0 and args.lambda_mse == 0:
         raise fail("all loss weights are 0: set --lambda_contrastive, --lambda_diversity or --lambda_mse")
     if not 0 <= args.caption_dropout < 1:
         raise fail(f"--caption_dropout must be in [0, 1), got {args.caption_dropout}")
@@ -186,14 +158,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def main(args):
-    """Train (or pre-train the VAE) and return the output folder."""
+    """Train and return the output folder."""
     from utils.common.atomic_io import check_output_dir
 
     check_output_dir(args.output_dir)  # a file or a read-only folder: one line before any model loads
-    if args.train_vae:
-        from utils.stages.vae_pretrain import pretrain_vae
-
-        return pretrain_vae(args)
     from utils.stages.training import train
 
     return train(args)

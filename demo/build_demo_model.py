@@ -7,7 +7,7 @@ Steps, each through the stage script a user would run by hand:
      the common WordPiece ids plus every token of the data set's captions (tokenization of those
      captions is unchanged), and the no-downsampling VAE drops its mid-block self-attention (at 32 px
      it is 1024 tokens and four fifths of the VAE's cost, and a near-identity VAE does not need it).
-  2. VAE pre-training: `edge_diffusion_train.py --config configs/demo_vae.yaml`.
+  2. VAE pre-training: `python -m demo.pretrain_vae --config configs/demo_vae.yaml`.
   3. UNet pre-training (plain diffusion loss): `edge_diffusion_train.py --config configs/demo_model_build.yaml`,
      then --continue_steps more steps of the same recipe from its result (fresh AdamW state, no warm-up).
   4. export: UNet, VAE and text encoder as fp16 safetensors into --output_dir, a folder that
@@ -226,7 +226,7 @@ def main(args) -> Path:
     vae_steps = ["--max_train_steps", args.vae_steps] if args.vae_steps else []
     pre_steps = (["--max_train_steps", args.pretrain_steps, "--checkpointing_steps", "0", "--validation_steps", "0"]
                  if args.pretrain_steps else [])
-    _run([sys.executable, "edge_diffusion_train.py", "--config", args.vae_config, *data,
+    _run([sys.executable, "-m", "demo.pretrain_vae", "--config", args.vae_config, *data,
           "--pretrained_model_name_or_path", init, "--output_dir", work / "vae", *vae_steps])
     _run([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data,
           "--pretrained_model_name_or_path", work / "vae", "--output_dir", work / "pretrained", *pre_steps])

@@ -238,9 +238,11 @@ def run_pipeline(args) -> dict:
             "--init_only", "--data", args.data or data_dir, "--work_dir", out / "models", "--seed", args.seed],
             lambda: _is_pipeline(tiny))
         vae_dir = out / "models" / "vae"
-        times["VAE pre-training"] = runner.run("vae", _python("edge_diffusion_train.py") + [
+        # VAE pre-training keeps no checkpoints: an unfinished run starts over
+        times["VAE pre-training"] = runner.run("vae", _python("demo.pretrain_vae") + [
             "--config", args.vae_config, *dflags, "--pretrained_model_name_or_path", tiny, "--output_dir", vae_dir,
-            "--seed", args.seed] + quick_overrides(args, "vae"), lambda: _is_pipeline(vae_dir), **TRAIN_RERUN)
+            "--seed", args.seed] + quick_overrides(args, "vae"), lambda: _is_pipeline(vae_dir),
+            resume_flags=["--overwrite_output_dir"], fresh_flags=["--overwrite_output_dir"])
         base = out / "models" / "pretrained"
         times["SD pre-training"] = runner.run("pretrain", _python("edge_diffusion_train.py") + [
             "--config", args.pretrain_config, *dflags, "--pretrained_model_name_or_path", vae_dir,

@@ -124,9 +124,10 @@ def test_recipe_unknown_key_suggests_the_closest_name(tmp_path):
 def test_shipped_recipes_pass_the_validation():
     from pathlib import Path
 
+    from demo.pretrain_vae import build_parser as vae_parser
     from utils.common.config import load_recipe, validate_recipe
 
     root = Path(__file__).resolve().parent.parent / "configs"
-    for name in ("train_flickr30k", "train_coco", "train_cc3m", "demo_edge", "demo_pretrain", "demo_vae",
-                 "demo_model_build"):
+    for name in ("train_flickr30k", "train_coco", "train_cc3m", "demo_edge", "demo_pretrain", "demo_model_build"):
         validate_recipe(_train_parser(), load_recipe(root / f"{name}.yaml"), name)
+    validate_recipe(vae_parser(), load_recipe(root / "demo_vae.yaml"), "demo_vae")

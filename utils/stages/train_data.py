@@ -1,10 +1,46 @@
-"""Training data: the data set of --dataset/--train_data_dir, its transform, epoch order, batches, step counts."""
+"""Training data: the data set of --dataset/--train_data_dir, its flags, transform, epoch order, batches, step counts."""
 import math
 
 import torch
 from torch.utils.data import Sampler
 
+from utils.common.errors import fail
 from utils.common.seeding import derive_seed
+
+
+def add_data_flags(a) -> None:
+    """Model, data and the training images' preprocessing: the flags stage 1 and VAE pre-training share."""
+    from dataset.registry import DATASETS
+
+    a("--pretrained_model_name_or_path", default="stable-diffusion-v1-5/stable-diffusion-v1-5",
+      help="hub id or diffusers folder of the Stable Diffusion model to train")
+    a("--dataset", choices=DATASETS, default="flickr30k")
+    a("--ann_root", default=None, help="annotation folder (or file) of --dataset")
+    a("--image_root", default=None, help="image folder (default: per data set, see dataset/registry.py)")
+    a("--train_data_dir", default=None, help="train on a distilled-set folder instead of --dataset")
+    a("--max_train_samples", type=int, default=None, help="use only the first N training images")
+    a("--output_dir", required=False, default=None)
+    a("--overwrite_output_dir", action="store_true", help="replace a different run already in --output_dir")
+    a("--resolution", type=int, default=512)
+    a("--center_crop", action="store_true", default=True)
+    a("--random_crop", dest="center_crop", action="store_false")
+    a("--random_flip", action="store_true")
+    a("--dataloader_num_workers", type=int, default=0)
+
+
+def check_common_flags(args) -> None:
+    """The checks stage 1 and VAE pre-training share (output folder, data, sizes, steps); one-line InputError each."""
+    if not args.output_dir:
+        raise fail("--output_dir is required")
+    if not args.train_data_dir and not args.ann_root:
+        raise fail(f"need --ann_root (annotations of --dataset {args.dataset}) or --train_data_dir")
+    for name in ("train_batch_size", "resolution", "num_train_epochs"):
+        if getattr(args, name) < 1:
+            raise fail(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.max_train_steps is not None and args.max_train_steps < 1:
+        raise fail(f"--max_train_steps must be at least 1, got {args.max_train_steps}")
+    if args.learning_rate <= 0:
+        raise fail(f"--learning_rate must be positive, got {args.learning_rate}")
 
 
 class EpochShuffleSampler(Sampler):

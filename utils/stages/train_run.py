@@ -95,10 +95,13 @@ def check_run_folder(args) -> None:
     if out.is_file():
         raise fail(f"--output_dir {out} is a file")
     holds = holds_run(out, getattr(args, "logging_dir", "logs"))
-    if holds and not args.resume_from_checkpoint and not args.overwrite_output_dir:
-        raise fail(f"--output_dir {out} already holds a run; pass --resume_from_checkpoint latest to continue it, "
-                   f"--overwrite_output_dir to replace it, or choose another folder")
-    if holds and args.overwrite_output_dir and not args.resume_from_checkpoint \
+    resume = getattr(args, "resume_from_checkpoint", None)
+    if holds and not resume and not args.overwrite_output_dir:
+        can_resume = hasattr(args, "resume_from_checkpoint")  # VAE pre-training has no checkpoints to resume
+        raise fail(f"--output_dir {out} already holds a run; pass "
+                   + ("--resume_from_checkpoint latest to continue it, " if can_resume else "")
+                   + "--overwrite_output_dir to replace it, or choose another folder")
+    if holds and args.overwrite_output_dir and not resume \
             and int(os.environ.get("RANK", "0")) == 0:  # runs before the Accelerator exists
         for p in list_checkpoints(out):
             shutil.rmtree(p, ignore_errors=True)

@@ -1,6 +1,6 @@
 """Train a (tiny) AutoencoderKL as an autoencoder on the training images, so a random-init VAE reconstructs.
 
-Used by `edge_diffusion_train.py --train_vae` for the offline demo: the loss is pixel MSE of the
+Run by `python -m demo.pretrain_vae` for the offline demo: the loss is pixel MSE of the
 reconstruction plus a small KL term; at the end the latent scaling factor is re-estimated
 (1 / std of the latents) so the UNet sees unit-variance latents, and the pipeline is saved with the new VAE.
 """
@@ -53,7 +53,7 @@ def pretrain_vae(args) -> Path:
     check_run_folder(args)
     accelerator = Accelerator(mixed_precision=resolve_precision(args.mixed_precision))
     if accelerator.num_processes > 1:
-        raise fail("--train_vae runs on one process (launch without --multi_gpu)")
+        raise fail("VAE pre-training runs on one process (launch without --multi_gpu)")
     if accelerator.device.type == "cpu":
         set_cpu_threads()
     set_seed(args.seed)
