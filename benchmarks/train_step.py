@@ -46,10 +46,9 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))  # run as a file from anywhere
+from utils.common.config import parse_args_with_recipe
 
-from utils.common.config import parse_args_with_recipe  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
 
 # name -> (EDGE losses, scorer decode, cached latents, gradient checkpointing, channels-last)
 VARIANTS = {

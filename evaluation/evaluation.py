@@ -13,7 +13,7 @@ picks it on the val split and `--selection best_test` applies LoRS's optimistic 
 Usage:
     python -m evaluation.evaluation --dataset flickr30k --ann_root data/flickr30k/annotations \
         --image_root data/flickr30k --distill_dir outputs/distilled/flickr_500 --seeds 3
-    python evaluation/evaluation.py --dataset procedural --ann_root data/procedural \
+    python -m evaluation.evaluation --dataset procedural --ann_root data/procedural \
         --baseline random --n 100 --image_encoder efficientnet_lite0 --text_encoder minilm --seeds 3 \
         --results_table outputs/eval/results.md
     python -m evaluation.evaluation --dataset flickr30k --ann_root ... --lors_pt lors_flickr_500.pt
@@ -25,12 +25,11 @@ import sys
 import time
 from pathlib import Path
 
-if __package__ in (None, ""):
-    # Run as `python evaluation/evaluation.py`: make the repository root importable instead of this
-    # folder (whose evaluation.py would otherwise shadow the `evaluation` package).
-    _here = Path(__file__).resolve().parent
-    sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != _here]
-    sys.path.insert(0, str(_here.parent))
+if __name__ == "__main__" and not __package__:
+    # `python evaluation/evaluation.py` puts this folder first on sys.path, where this file shadows the package
+    print("error: run stage 4 as a module from the repository root: python -m evaluation.evaluation ...",
+          file=sys.stderr)
+    sys.exit(2)
 
 import torch  # noqa: E402
 

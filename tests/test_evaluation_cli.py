@@ -124,16 +124,19 @@ def test_bad_inputs_fail_before_training(env, tmp_path):
     assert not (tmp_path / "o1" / "results.json").exists()
 
 
-def test_runs_as_a_script_from_any_folder(tmp_path):
-    for cmd in ([sys.executable, str(ROOT / "evaluation" / "evaluation.py"), "--help"],
-                [sys.executable, "-m", "evaluation.evaluation", "--help"]):
-        cwd = tmp_path if cmd[1] != "-m" else ROOT
-        proc = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert "--selection" in proc.stdout
-    proc = subprocess.run([sys.executable, str(ROOT / "evaluation" / "evaluation.py"), "--dataset", "procedural",
-                           "--baseline", "random"], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+def test_runs_as_a_module_and_says_so_when_run_as_a_file(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "evaluation.evaluation", "--help"], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "--selection" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "evaluation.evaluation", "--dataset", "procedural", "--baseline",
+                           "random"], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and proc.stderr.startswith("error: ")
+    # the file form (this folder first on sys.path shadows the package): one line naming the module form
+    proc = subprocess.run([sys.executable, str(ROOT / "evaluation" / "evaluation.py"), "--help"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines() == [
+        "error: run stage 4 as a module from the repository root: python -m evaluation.evaluation ..."]
 
 
 def test_warns_when_the_manifest_records_failed_or_missing_captions(env, tmp_path, capsys):
