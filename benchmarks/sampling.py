@@ -2,7 +2,7 @@
 
 Measures, on the same pipeline object and the same per-image seeds:
   1. stock loop: `pipe(prompt, generator=...)` once per image (what the public code does), reference scheduler;
-  2. our stage: `utils.stages.sampling.render_images` (batched, cached prompt embeddings), same scheduler and steps;
+  2. our stage: `utils.stages.sampling.render_images` (batched, one seed per image), same scheduler and steps;
   3. our stage with DPM-Solver++ at fewer steps (20 by default).
 and prints images/second ratios. "Equal quality" is measured, not assumed: the mean absolute pixel
 distance between the fast images and the reference images from the same seeds, divided by the mean
@@ -21,7 +21,7 @@ import time
 import numpy as np
 import torch
 
-from utils.stages.sampling import (DTYPES, SCHEDULERS, PromptEmbeddingCache, load_sampling_pipeline, render_images,
+from utils.stages.sampling import (DTYPES, SCHEDULERS, PromptEncoder, load_sampling_pipeline, render_images,
                                    set_scheduler)
 from utils.common.seeding import item_generator, set_cpu_threads
 
@@ -70,13 +70,13 @@ def stock_loop(pipe, prompts, seed, steps, guidance):
 
 
 def our_stage(pipe, prompts, seed, steps, guidance, batch_size, height, width):
-    """utils.stages.sampling.render_images in batches with the prompt-embedding cache, as the stage runs."""
-    cache = PromptEmbeddingCache(pipe)
+    """utils.stages.sampling.render_images in batches, as the stage runs."""
+    encoder = PromptEncoder(pipe)
     out = []
     for s in range(0, len(prompts), batch_size):
         idx = list(range(s, min(s + batch_size, len(prompts))))
         out += [np.asarray(im, dtype=np.float32) / 255 for im in
-                render_images(pipe, cache, [prompts[i] for i in idx], idx, seed, steps, guidance, height, width)]
+                render_images(pipe, encoder, [prompts[i] for i in idx], idx, seed, steps, guidance, height, width)]
     return out
 
 

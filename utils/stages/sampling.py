@@ -4,7 +4,7 @@ Determinism rules:
   * prompt i is drawn from the real train captions with a fixed RNG (one caption per distinct image);
   * image i starts from latents drawn with its own generator `utils.common.seeding.item_generator(seed, i)`
     (a list of generators is passed to the pipeline, so batch neighbours never share noise);
-  * prompt embeddings are computed one prompt at a time and cached, so they do not depend on batching;
+  * prompt embeddings are computed one prompt at a time, so they do not depend on batching;
   * work is split into fixed blocks of `batch_size` consecutive indices and block c is rendered by
     process c % K. Block contents therefore do not depend on the number of processes, which keeps the
     set byte-identical for any K. (With batch_size 1 this is the rule "process r renders i % K == r".)
@@ -13,7 +13,6 @@ Changing batch_size changes the batch shapes seen by the UNet and VAE; CPU BLAS/
 other blockings (gemv vs gemm, conv algorithms) for other batch sizes, so float sums are reordered
 (~1e-6 relative) and, rarely, one uint8 pixel rounds the other way. The manifest records batch_size.
 """
-from collections import OrderedDict
 from pathlib import Path
 
 import torch
@@ -119,63 +118,47 @@ def default_size(pipe) -> tuple:
     return int(h * pipe.vae_scale_factor), int(w * pipe.vae_scale_factor)
 
 
-class PromptEmbeddingCache:
-    """Text-encoder states computed once per distinct prompt (one prompt at a time, so batch-independent).
+class PromptEncoder:
+    """Text-encoder states, each prompt encoded alone (so they do not depend on batching); the negative
+    prompt ("" when none) is encoded once."""
 
-    The negative prompt ("" when none) is encoded once. A bounded LRU keeps memory flat on long runs.
-    """
-
-    def __init__(self, pipe, negative_prompt: str = None, max_entries: int = 512):
+    def __init__(self, pipe, negative_prompt: str = None):
         self.pipe = pipe
         self.negative_prompt = negative_prompt or ""
-        self.max_entries = max_entries
-        self._cache = OrderedDict()
         self._negative = None
-        self.encoded = 0  # number of text-encoder calls (for tests and benchmarks)
 
     @torch.no_grad()
-    def _encode(self, prompt: str) -> torch.Tensor:
-        self.encoded += 1
-        embeds, _ = self.pipe.encode_prompt(prompt, self.pipe._execution_device, 1, False)
-        return embeds
+    def encode(self, prompts) -> torch.Tensor:
+        """[len(prompts), tokens, dim] states of `prompts`."""
+        device = self.pipe._execution_device
+        return torch.cat([self.pipe.encode_prompt(p, device, 1, False)[0] for p in prompts])
 
-    def prompt(self, prompt: str) -> torch.Tensor:
-        """[1, tokens, dim] states of `prompt`."""
-        if prompt in self._cache:
-            self._cache.move_to_end(prompt)
-            return self._cache[prompt]
-        embeds = self._encode(prompt)
-        self._cache[prompt] = embeds
-        if len(self._cache) > self.max_entries:
-            self._cache.popitem(last=False)
-        return embeds
-
-    def negative(self) -> torch.Tensor:
-        """[1, tokens, dim] states of the negative prompt."""
+    def negative(self, n: int) -> torch.Tensor:
+        """[n, tokens, dim] states of the negative prompt (encoded on first use)."""
         if self._negative is None:
-            self._negative = self._encode(self.negative_prompt)
-        return self._negative
+            self._negative = self.encode([self.negative_prompt])
+        return self._negative.expand(n, -1, -1)
 
 
 @torch.no_grad()
-def render_images(pipe, cache: PromptEmbeddingCache, prompts, indices, seed: int, num_inference_steps: int,
+def render_images(pipe, encoder: PromptEncoder, prompts, indices, seed: int, num_inference_steps: int,
                   guidance_scale: float, height: int, width: int) -> list:
     """PIL images for `prompts`; image `indices[k]` uses the generator `item_generator(seed, indices[k])`."""
     if len(prompts) != len(indices):
         raise ValueError("one prompt per index")
     generators = [item_generator(seed, i) for i in indices]
-    kwargs = dict(prompt_embeds=torch.cat([cache.prompt(p) for p in prompts]),
+    kwargs = dict(prompt_embeds=encoder.encode(prompts),
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                   width=width, generator=generators, output_type="pil")
     if guidance_scale > 1:
-        kwargs["negative_prompt_embeds"] = cache.negative().expand(len(prompts), -1, -1)
+        kwargs["negative_prompt_embeds"] = encoder.negative(len(prompts))
     return pipe(**kwargs).images
 
 
 # ----------------------------------------------------------------------------- output folder
 
 
-def render_blocks(pipe, cache, prompts, blocks, output_dir, seed, num_inference_steps, guidance_scale, height,
+def render_blocks(pipe, encoder, prompts, blocks, output_dir, seed, num_inference_steps, guidance_scale, height,
                   width, image_format="png", progress=True, desc="sampling", position=0) -> int:
     """Render every block with at least one missing image and write its missing images atomically.
 
@@ -191,7 +174,7 @@ def render_blocks(pipe, cache, prompts, blocks, output_dir, seed, num_inference_
     bar = tqdm(total=sum(len(b) for b in todo), desc=desc, unit="img", disable=not progress, position=position)
     written = 0
     for block in todo:
-        images = render_images(pipe, cache, [prompts[i] for i in block], block, seed, num_inference_steps,
+        images = render_images(pipe, encoder, [prompts[i] for i in block], block, seed, num_inference_steps,
                                guidance_scale, height, width)
         for i, image in zip(block, images):
             path = output_dir / image_relpath(i, image_format)
@@ -280,9 +263,9 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
     state.wait_for_everyone()
 
     blocks = blocks_for_process(len(prompts), batch_size, state.process_index, state.num_processes)
-    cache = PromptEmbeddingCache(pipe, negative_prompt)
+    encoder = PromptEncoder(pipe, negative_prompt)
     desc = "sampling" if state.num_processes == 1 else f"sampling [process {state.process_index}]"
-    render_blocks(pipe, cache, prompts, blocks, output_dir, seed, num_inference_steps, guidance_scale, height,
+    render_blocks(pipe, encoder, prompts, blocks, output_dir, seed, num_inference_steps, guidance_scale, height,
                   width, image_format, progress=progress, desc=desc, position=state.process_index)
     state.wait_for_everyone()
     if state.is_main_process:
