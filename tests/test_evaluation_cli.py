@@ -9,29 +9,21 @@ import torch
 from PIL import Image
 
 from dataset.distilled import write_distilled_set
-from dataset.procedural import ProceduralSpec, generate_procedural_dataset
 from evaluation.evaluation import main, parse_args
 from utils.common.errors import InputError
 from utils.models.retrieval_model import load_retrieval_model
-
-from utils.models.tiny import save_tiny_bert, save_tiny_nfnet
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("evalcli")
-    data = generate_procedural_dataset(base / "proc", ProceduralSpec(resolution=32, n_train=16, n_val=6, n_test=8),
-                                       seed=0, progress=False)
-    return {"base": base, "data": data, "nf": save_tiny_nfnet(base / "nf"), "bert": save_tiny_bert(base / "bert")}
+def env(tiny_eval_env):
+    return tiny_eval_env("evalcli", n_train=16, n_val=6, n_test=8)
 
 
 def _argv(env, out, *extra):
-    return ["--dataset", "procedural", "--ann_root", str(env["data"]), "--image_encoder", f"local-dir:{env['nf']}",
-            "--text_encoder", f"bert:{env['bert']}", "--epochs", "2", "--eval_every", "1", "--batch_size_train", "8",
-            "--num_workers", "0", "--output_dir", str(out), "--feature_cache_dir", str(env["base"] / "cache"),
-            "--no_progress", *extra]
+    return [*env["argv"], "--epochs", "2", "--output_dir", str(out), "--feature_cache_dir", str(env["base"] / "cache"),
+            *extra]
 
 
 def test_random_baseline_two_seeds_outputs(env):

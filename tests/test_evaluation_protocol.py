@@ -5,7 +5,6 @@ import torch.nn as nn
 from accelerate import Accelerator
 
 import utils.models.retrieval_model as retrieval_model
-from dataset.procedural import ProceduralSpec, generate_procedural_dataset
 from evaluation.evaluation import main, parse_args
 from evaluation.protocol import (edge_train_augment, protocol_preprocess, protocol_settings,
                                  random_resized_crop_params)
@@ -13,8 +12,6 @@ from utils.models.retrieval_model import RetrievalModel
 from evaluation.train_retrieval import (EvalSplit, TrainConfig, TrainSet, encoder_input, epoch_batches,
                                         resize_to_uint8, train_retrieval)
 from utils.common.errors import InputError
-
-from utils.models.tiny import save_tiny_bert, save_tiny_nfnet
 
 PRE = {"size": 16, "mean": (0.5, 0.5, 0.5), "std": (0.25, 0.25, 0.25)}
 
@@ -150,17 +147,12 @@ def test_edge_augment_is_seeded_and_keeps_shape_and_range():
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
-    base = tmp_path_factory.mktemp("protocol")
-    data = generate_procedural_dataset(base / "proc", ProceduralSpec(resolution=32, n_train=8, n_val=4, n_test=8),
-                                       seed=0, progress=False)
-    return {"base": base, "data": data, "nf": save_tiny_nfnet(base / "nf"), "bert": save_tiny_bert(base / "bert")}
+def env(tiny_eval_env):
+    return tiny_eval_env("protocol", n_train=8, n_val=4, n_test=8)
 
 
 def _argv(env, out, *extra):
-    return ["--dataset", "procedural", "--ann_root", str(env["data"]), "--image_encoder", f"local-dir:{env['nf']}",
-            "--text_encoder", f"bert:{env['bert']}", "--epochs", "1", "--eval_every", "1", "--batch_size_train", "8",
-            "--num_workers", "0", "--output_dir", str(out), "--no_feature_cache", "--no_progress", *extra]
+    return [*env["argv"], "--epochs", "1", "--output_dir", str(out), "--no_feature_cache", *extra]
 
 
 def _record_encoder_inputs(monkeypatch):

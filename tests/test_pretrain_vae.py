@@ -12,15 +12,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from dataset.procedural import ProceduralSpec, generate_procedural_dataset
-    from utils.models.tiny import build_tiny_sd
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("vae_assets")
-    spec = ProceduralSpec(resolution=32, n_train=8, n_val=1, n_test=1, captions_per_image=1)
-    return {"sd": str(build_tiny_sd(root / "sd")),
-            "data": str(generate_procedural_dataset(root / "proc", spec, progress=False))}
+def assets(tiny_train_assets):
+    return tiny_train_assets("vae_assets")
 
 
 def _argv(assets, out, *extra):

@@ -15,19 +15,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from dataset.procedural import ProceduralSpec, generate_procedural_dataset
-    from utils.models.tiny import build_tiny_hf_clip
-    from utils.models.tiny import build_tiny_sd
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("train_assets")
-    spec = ProceduralSpec(resolution=32, n_train=8, n_val=1, n_test=1, captions_per_image=1)
-    spec5 = ProceduralSpec(resolution=32, n_train=8, n_val=1, n_test=1, captions_per_image=5)
-    return {"sd": str(build_tiny_sd(root / "sd")), "data": str(generate_procedural_dataset(root / "proc", spec,
-                                                                                           progress=False)),
-            "data5": str(generate_procedural_dataset(root / "proc5", spec5, progress=False)),
-            "clip": str(build_tiny_hf_clip(root / "clip"))}
+def assets(tiny_train_assets):
+    return tiny_train_assets("train_assets", clip=True, five_captions=True)
 
 
 def _argv(assets, out, *extra):
@@ -68,23 +57,15 @@ def test_resume_repeats_uninterrupted_run(assets, tmp_path):
     full = tmp_path / "full"
     script.main(script.parse_args(_argv(assets, full, *common)))
     assert sorted(p.name for p in full.glob("checkpoint-*")) == ["checkpoint-4", "checkpoint-6"]
-    # A run killed after its checkpoint at step 4, with log records past it.
     resumed = tmp_path / "resumed"
-    resumed.mkdir()
-    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
-    shutil.copy(full / "run_config.json", resumed / "run_config.json")
-    (resumed / "logs").mkdir()
-    (resumed / "logs" / "train_log.jsonl").write_text("".join(json.dumps(r) + "\n" for r in _log(full)[:5]))
+    _interrupted_copy(full, resumed, 4)
     with pytest.raises(InputError, match="already holds a run"):
         script.main(script.parse_args(_argv(assets, resumed, *common)))
     script.main(script.parse_args(_argv(assets, resumed, *common, "--resume_from_checkpoint", "latest")))
-    a = load_file(full / "unet" / "diffusion_pytorch_model.safetensors")
-    b = load_file(resumed / "unet" / "diffusion_pytorch_model.safetensors")
-    at4 = load_file(full / "checkpoint-4" / "unet" / "diffusion_pytorch_model.safetensors")
     # equal up to float summation order (CPU kernels are not bitwise reproducible across processes);
     # the two steps after the checkpoint moved the weights by orders of magnitude more
-    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-6
-    assert max((a[k] - at4[k]).abs().max().item() for k in a) > 1e-3
+    assert _max_diff(full, resumed) < 1e-6
+    assert _max_diff(full, full / "checkpoint-4") > 1e-3
     log = _log(resumed)
     assert [r["step"] for r in log] == list(range(1, 7))
     assert log[-1]["loss"] == pytest.approx(_log(full)[-1]["loss"], rel=1e-6)
@@ -105,18 +86,27 @@ def _max_diff(a_dir, b_dir):
     return max((a[k] - b[k]).abs().max().item() for k in a)
 
 
+def _full_and_resumed(assets, tmp_path, common, step):
+    """Run `common` to its end, and again killed after its checkpoint at `step` and resumed: (full, resumed).
+
+    The two final UNets agree up to float summation order (CPU kernels are not bitwise reproducible
+    across processes).
+    """
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    script.main(script.parse_args(_argv(assets, full, *common)))
+    _interrupted_copy(full, resumed, step)
+    script.main(script.parse_args(_argv(assets, resumed, *common, "--resume_from_checkpoint", "latest")))
+    assert _max_diff(full, resumed) < 1e-6
+    return full, resumed
+
+
 def test_resume_with_five_captions_per_image(assets, tmp_path):
     # 8 images, batch 2: 4 steps per epoch; killed at step 6 (mid epoch 1), resumed to step 10 (epoch 2).
     # Each epoch draws other captions, so a resume that redraws epoch-0 captions ends elsewhere.
     common = ("--ann_root", assets["data5"], "--train_batch_size", "2", "--max_train_steps", "10",
               "--checkpointing_steps", "3", "--trainable", "difffit", "--optimizer", "adamw", "--learning_rate", "1e-2",
               "--lambda_mse", "1", "--epoch_unit", "images")
-    full = tmp_path / "full"
-    script.main(script.parse_args(_argv(assets, full, *common)))
-    resumed = tmp_path / "resumed"
-    _interrupted_copy(full, resumed, 6)
-    script.main(script.parse_args(_argv(assets, resumed, *common, "--resume_from_checkpoint", "latest")))
-    assert _max_diff(full, resumed) < 1e-6
+    full, resumed = _full_and_resumed(assets, tmp_path, common, 6)
     assert _max_diff(full, full / "checkpoint-6") > 1e-3
     assert [r["loss"] for r in _log(resumed)] == pytest.approx([r["loss"] for r in _log(full)], rel=1e-5)
 
@@ -199,12 +189,7 @@ def test_resume_past_the_last_step_writes_the_final_model_without_training(asset
     # killed after the checkpoint of the last step, before the final model was written
     common = ("--train_batch_size", "2", "--max_train_steps", "4", "--checkpointing_steps", "2",
               "--optimizer", "adamw", "--learning_rate", "1e-2", "--lambda_mse", "1")
-    full = tmp_path / "full"
-    script.main(script.parse_args(_argv(assets, full, *common)))
-    cut = tmp_path / "cut"
-    _interrupted_copy(full, cut, 4)
-    script.main(script.parse_args(_argv(assets, cut, *common, "--resume_from_checkpoint", "latest")))
-    assert _max_diff(full, cut) < 1e-6
+    _, cut = _full_and_resumed(assets, tmp_path, common, 4)
     assert [r["step"] for r in _log(cut)] == [1, 2, 3, 4]
 
 

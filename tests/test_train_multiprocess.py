@@ -15,17 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    from dataset.procedural import ProceduralSpec, generate_procedural_dataset
-    from utils.models.tiny import build_tiny_hf_clip
-    from utils.models.tiny import build_tiny_sd
-
-    torch.set_num_threads(1)
-    root = tmp_path_factory.mktemp("mp_assets")
-    spec = ProceduralSpec(resolution=32, n_train=8, n_val=1, n_test=1, captions_per_image=1)
-    return {"sd": str(build_tiny_sd(root / "sd")), "data": str(generate_procedural_dataset(root / "proc", spec,
-                                                                                           progress=False)),
-            "clip": str(build_tiny_hf_clip(root / "clip"))}
+def assets(tiny_train_assets):
+    return tiny_train_assets("mp_assets", clip=True)
 
 
 def test_two_process_cpu_run(assets, tmp_path):
