@@ -203,16 +203,20 @@ _CAPTION_IN = ("convert", "input_dir", _set_folder_of,
                "the distilled set whose annotation file this is (our --input_dir)")
 _CAPTION_DATASET = ("paper_dataset", None, "only names sampling_results/<dataset>/<tag> for --save_tag")
 _ANALYSIS_ONLY = "it configures the retrieval model of evaluation; stage 1 scores with --scorer"
+_LLAMA_REAL_ROOTS = ("refuse", "this script paraphrases the prompts of a distilled set: pass the sampling output "
+                               "folder as --input_dir instead of the real data set's roots")
+
+
+def _aliases(**names) -> dict:
+    """{"--<public flag>": ("alias", <our option>)} for public flags that are only other names of ours."""
+    return {f"--{flag}": ("alias", dest) for flag, dest in names.items()}
+
 
 PAPER_FLAGS = {
     "train": {
-        "--lr": ("alias", "learning_rate"),
-        "--contrastive_lambda": ("alias", "lambda_contrastive"),
-        "--diversity_lambda": ("alias", "lambda_diversity"),
-        "--num_epochs": ("alias", "num_train_epochs"),
-        "--checkpoint_path": ("alias", "output_dir"),
-        "--batch_size_train": ("alias", "train_batch_size"),
-        "--image_size": ("alias", "resolution"),
+        **_aliases(lr="learning_rate", contrastive_lambda="lambda_contrastive", diversity_lambda="lambda_diversity",
+                   num_epochs="num_train_epochs", checkpoint_path="output_dir", batch_size_train="train_batch_size",
+                   image_size="resolution"),
         "--fraction": ("refuse", "use --max_train_samples N (the first N training images) instead"),
         "--batch_size_test": ("ignore", "stage 1 has no test pass"),
         "--image_encoder": ("ignore", _ANALYSIS_ONLY),
@@ -241,9 +245,7 @@ PAPER_FLAGS = {
         "--load_4bit": ("refuse", "4-bit loading is not offered: use --dtype float16 or bfloat16 instead"),
     },
     "caption_llama": {
-        "--ckpt_dir": ("alias", "model"),
-        "--max_batch_size": ("alias", "batch_size"),
-        "--max_gen_len": ("alias", "max_new_tokens"),
+        **_aliases(ckpt_dir="model", max_batch_size="batch_size", max_gen_len="max_new_tokens"),
         "--dataset": _CAPTION_DATASET,
         "--tokenizer_path": ("ignore", "the tokenizer is read from the --model folder (transformers format)"),
         "--max_seq_len": ("ignore", "prompts are short; generation length is --max_new_tokens"),
@@ -251,22 +253,14 @@ PAPER_FLAGS = {
         "--no_aug": ("ignore", "the Llama backend reads no images"),
         "--distill_image": ("ignore", "pass the distilled set as --input_dir"),
         "--distill_ann": ("ignore", "pass the distilled set as --input_dir"),
-        "--image_root": ("refuse", "this script paraphrases the prompts of a distilled set: pass the sampling "
-                                   "output folder as --input_dir instead of the real data set's roots"),
-        "--ann_root": ("refuse", "this script paraphrases the prompts of a distilled set: pass the sampling "
-                                 "output folder as --input_dir instead of the real data set's roots"),
+        "--image_root": _LLAMA_REAL_ROOTS,
+        "--ann_root": _LLAMA_REAL_ROOTS,
         "--output_file": ("refuse", "this script writes a distilled-set folder: use --output_dir <folder> "
                                     "(captions land in <folder>/annotations/train.json) or --inplace"),
     },
     "evaluation": {
-        "--distill_ann": ("alias", "distill_dir"),
-        "--lr_teacher_img": ("alias", "lr_img"),
-        "--lr_teacher_txt": ("alias", "lr_txt"),
-        "--train_epochs": ("alias", "epochs"),
-        "--eval_freq": ("alias", "eval_every"),
-        "--mom": ("alias", "momentum"),
-        "--l2": ("alias", "weight_decay"),
-        "--name": ("alias", "run_name"),
+        **_aliases(distill_ann="distill_dir", lr_teacher_img="lr_img", lr_teacher_txt="lr_txt", train_epochs="epochs",
+                   eval_freq="eval_every", mom="momentum", l2="weight_decay", name="run_name"),
         "--decay": ("const", "lr_schedule", "step"),
         "--distill_image": ("ignore", "images are read from <--distill_dir>/images as listed in "
                                       "annotations/train.json (the public script also replaces it by "
