@@ -11,19 +11,14 @@ Usage:
     # a compatible server (vLLM, llama.cpp, ...):
     python caption_synthesis_gpt.py --input_dir ... --inplace --base_url http://localhost:8000/v1 --model <name>
 """
-import argparse
-
 from utils.common.config import add_paper_flags, parse_args_with_recipe
-from utils.stages.captioning.cache import check_output_folder
 from utils.stages.captioning.gpt import DEFAULT_INSTRUCTION, DEFAULT_MODEL, GPTBackend
-from utils.stages.captioning.runner import add_common_args, run_captioning, script_entry
+from utils.stages.captioning.runner import caption_parser, run_caption_script, script_entry
 
 
 def parse_args(argv=None):
     """Flags of the GPT backend plus the shared caption flags."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    g = parser.add_argument_group("gpt")
+    parser, g = caption_parser(__doc__, "gpt")
     g.add_argument("--model", type=str, default=DEFAULT_MODEL, help="Chat model with image input.")
     g.add_argument("--instruction", type=str, default=DEFAULT_INSTRUCTION, help="The text sent with each image.")
     g.add_argument("--base_url", type=str, default=None, help="An OpenAI-compatible server (default: OpenAI).")
@@ -41,12 +36,10 @@ def parse_args(argv=None):
 
 def main(args, http_client=None):
     """Caption the set; `http_client` (an httpx client) replaces the network, for tests."""
-    check_output_folder(args)  # before the backend loads a model
-    backend = GPTBackend(model=args.model, instruction=args.instruction, base_url=args.base_url,
-                         max_concurrency=args.max_concurrency, max_retries=args.max_retries, timeout=args.timeout,
-                         temperature=args.temperature, max_tokens=args.max_tokens, detail=args.detail,
-                         one_per_request=args.one_per_request, http_client=http_client)
-    return run_captioning(args, backend)
+    return run_caption_script(args, lambda: GPTBackend(
+        model=args.model, instruction=args.instruction, base_url=args.base_url, max_concurrency=args.max_concurrency,
+        max_retries=args.max_retries, timeout=args.timeout, temperature=args.temperature, max_tokens=args.max_tokens,
+        detail=args.detail, one_per_request=args.one_per_request, http_client=http_client))
 
 
 if __name__ == "__main__":

@@ -9,20 +9,15 @@ Usage:
         --dataset procedural --ann_root data/procedural --scorer hf_clip:runs/tiny_clip
     python caption_synthesis_retrieval.py --config configs/caption_retrieval.yaml --input_dir runs/flickr_500 --inplace
 """
-import argparse
-
 from dataset.registry import DATASETS
 from utils.common.config import parse_args_with_recipe
-from utils.stages.captioning.cache import check_output_folder
 from utils.stages.captioning.retrieval import DEFAULT_SCORER, RetrievalBackend
-from utils.stages.captioning.runner import add_common_args, check_common_args, run_captioning, script_entry
+from utils.stages.captioning.runner import caption_parser, run_caption_script, script_entry
 
 
 def parse_args(argv=None):
     """Flags of the retrieval backend plus the shared caption flags."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_common_args(parser)
-    g = parser.add_argument_group("retrieval")
+    parser, g = caption_parser(__doc__, "retrieval")
     g.add_argument("--scorer", type=str, default=DEFAULT_SCORER,
                    help="Image-text scorer spec (utils.models.scorers): open_clip:..., hf_clip:..., retrieval:<folder>.")
     g.add_argument("--dataset", type=str, default=None, choices=DATASETS, help="Real data set of the caption pool.")
@@ -34,11 +29,9 @@ def parse_args(argv=None):
 
 def main(args):
     """Caption the set from the real pool; returns the run summary."""
-    check_output_folder(args)  # before the backend loads a model
-    check_common_args(args)
-    backend = RetrievalBackend(scorer=args.scorer, dataset=args.dataset, ann_root=args.ann_root,
-                               image_root=args.image_root, batch_size=args.batch_size)
-    return run_captioning(args, backend)
+    return run_caption_script(args, lambda: RetrievalBackend(scorer=args.scorer, dataset=args.dataset,
+                                                             ann_root=args.ann_root, image_root=args.image_root,
+                                                             batch_size=args.batch_size))
 
 
 if __name__ == "__main__":

@@ -115,7 +115,7 @@ def test_caption_output_dir_checked_before_models_load(tmp_path, monkeypatch, ki
 
     script = importlib.import_module(script_name)
     out, expect = _bad_output(tmp_path, monkeypatch, kind)
-    _forbid(monkeypatch, f"{script_name}.run_captioning", "captioning")
+    _forbid(monkeypatch, "utils.stages.captioning.runner.run_captioning", "captioning")
     monkeypatch.setenv("OPENAI_API_KEY", "sk-test-0123456789")
     argv = ["--input_dir", str(tmp_path / "set"), "--output_dir", str(out)]
     if script_name == "caption_synthesis_retrieval":

@@ -14,8 +14,9 @@ from utils.common.config import code_version
 from utils.common.errors import InputError, fail, run_cli
 
 from .backend import CaptionRequest
-from .cache import CACHE_FILE, CaptionCache, settings_key
+from .cache import CACHE_FILE, CaptionCache, check_output_folder, settings_key
 from .cleaning import clean_caption, merge_distinct
+from .hf_models import DTYPES
 
 MAX_LISTED = 1000  # images listed by name in the manifest per problem kind (the count is always exact)
 
@@ -44,6 +45,41 @@ def check_common_args(args) -> None:
         raise fail(f"--rounds must be at least 1, got {args.rounds}")
     if bool(args.inplace) == bool(args.output_dir):
         raise fail("give exactly one of --output_dir <folder> or --inplace")
+
+
+def caption_parser(doc: str, backend: str):
+    """A caption script's parser (described by its docstring's first line) with the shared flags, and the
+    argument group for `backend`'s own flags."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    add_common_args(parser)
+    return parser, parser.add_argument_group(backend)
+
+
+def add_sampled_model_args(g, model: str, instruction: str, *, model_help: str, instruction_help: str, unit: str,
+                           max_new_tokens: int) -> None:
+    """Flags of a local transformers model sampling captions in batches (LLaVA, Llama); `unit`: what a batch holds."""
+    g.add_argument("--model", type=str, default=model, help=model_help)
+    g.add_argument("--instruction", type=str, default=instruction, help=instruction_help)
+    g.add_argument("--batch_size", type=int, default=8, help=f"{unit.capitalize()}s per generate() call.")
+    g.add_argument("--max_new_tokens", type=int, default=max_new_tokens)
+    g.add_argument("--temperature", type=float, default=1.0, help=f"Sampling temperature (K-1 samples per {unit}).")
+    g.add_argument("--top_p", type=float, default=0.9, help="Nucleus sampling mass.")
+    g.add_argument("--dtype", type=str, default="auto", choices=DTYPES, help="auto: float16 on GPU, float32 on CPU.")
+
+
+def sampled_model_settings(args) -> dict:
+    """The keyword arguments of a `backend.SampledModelBackend` from the flags above (and --seed)."""
+    return dict(model=args.model, instruction=args.instruction, batch_size=args.batch_size,
+                max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, dtype=args.dtype,
+                seed=args.seed)
+
+
+def run_caption_script(args, make_backend) -> dict:
+    """A caption script's main: the output folder and the shared flags are checked before `make_backend()`
+    builds the backend (which may load a model); then the set is captioned. Returns the run summary."""
+    check_output_folder(args)
+    check_common_args(args)
+    return run_captioning(args, make_backend())
 
 
 def _output_folder(args, input_dir: Path) -> Path:
