@@ -8,6 +8,8 @@ Determinism rules:
   * work is split into fixed blocks of `batch_size` consecutive indices and block c is rendered by
     process c % K. Block contents therefore do not depend on the number of processes, which keeps the
     set byte-identical for any K. (With batch_size 1 this is the rule "process r renders i % K == r".)
+    accelerate's `PartialState.split_between_processes` is not used: it hands each process one contiguous
+    run of indices, so batch contents, and with them each image's float rounding, would change with K.
 
 Changing batch_size changes the batch shapes seen by the UNet and VAE; CPU BLAS/oneDNN kernels pick
 other blockings (gemv vs gemm, conv algorithms) for other batch sizes, so float sums are reordered
