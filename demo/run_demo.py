@@ -291,11 +291,10 @@ def eval_image_size(args) -> int:
     if not args.data:
         return None
     from dataset.images import load_image
-    from dataset.registry import load_split, resolve_split
+    from dataset.registry import read_split
 
-    _, root = resolve_split("karpathy", "test", args.data, args.images)
-    first = load_split("karpathy", "test", args.data, args.images, check_images=False)[0]
-    return min(max(load_image(Path(root) / first["image"]).size), MAX_EVAL_SIZE)
+    entries, _, root = read_split("karpathy", "test", args.data, args.images, check_images=False)
+    return min(max(load_image(Path(root) / entries[0]["image"]).size), MAX_EVAL_SIZE)
 
 
 def run_eval(runner, args, dflags, name, inputs, out, results_table, extra_check=lambda: True) -> float:
