@@ -35,6 +35,11 @@ def parse_args(argv=None):
     g.add_argument("--dataset", choices=DATASETS, default=None, help="Data set whose train captions are drawn.")
     g.add_argument("--ann_root", type=str, default=None, help="Annotation folder (or file) of --dataset.")
     g.add_argument("--image_root", type=str, default=None, help="Image root of --dataset (existence is checked).")
+    g.add_argument("--prompt_selection", choices=["random", "coverage"], default="random",
+                   help="random: N random distinct train images' captions (the paper); coverage: the captions "
+                        "nearest the N k-means centres of all train captions' text features")
+    g.add_argument("--coverage_text_encoder", type=str, default="minilm",
+                   help="sentence encoder for --prompt_selection coverage (evaluation's --text_encoder names)")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="Folder written by edge_diffusion_train.py, or any diffusers SD model id/folder.")
@@ -45,6 +50,10 @@ def parse_args(argv=None):
     g.add_argument("--height", type=int, default=None, help="Default: unet sample_size * VAE scale factor.")
     g.add_argument("--width", type=int, default=None, help="Default: unet sample_size * VAE scale factor.")
     g.add_argument("--negative_prompt", type=str, default=None)
+    g.add_argument("--best_of", type=int, default=1,
+                   help="draw K candidates per prompt and keep the one --best_of_scorer ranks highest (1: off)")
+    g.add_argument("--best_of_scorer", type=str, default=None,
+                   help="scorer spec for --best_of (retrieval:<folder> | open_clip:<model>/<tag> | hf_clip:<id>)")
     g.add_argument("--mixed_precision", "--dtype", dest="mixed_precision", choices=list(DTYPES), default="no",
                    help="Weights dtype: no (fp32), fp16, bf16.")
     g = p.add_argument_group("run")
@@ -71,6 +80,8 @@ def parse_args(argv=None):
         raise fail(f"--num_queries must be positive, got {args.num_queries}")
     if args.prompts_file and args.dataset:
         raise fail("give either --prompts_file or --dataset, not both")
+    if args.prompts_file and args.prompt_selection != "random":
+        raise fail("--prompt_selection applies to --dataset captions, not to --prompts_file")
     if not args.prompts_file:
         if not args.dataset:
             raise fail("give --dataset (with --ann_root) or --prompts_file")
@@ -80,6 +91,10 @@ def parse_args(argv=None):
         raise fail(f"--batch_size must be positive, got {args.batch_size}")
     if args.num_inference_steps <= 0:
         raise fail(f"--num_inference_steps must be positive, got {args.num_inference_steps}")
+    if args.best_of < 1:
+        raise fail(f"--best_of must be at least 1, got {args.best_of}")
+    if args.best_of > 1 and not args.best_of_scorer:
+        raise fail("--best_of > 1 needs --best_of_scorer (the retrieval model that ranks the candidates)")
     if args.preview_n < 0:
         raise fail(f"--preview_n must be >= 0, got {args.preview_n}")
     return args
@@ -98,10 +113,20 @@ def load_prompts(args) -> tuple:
     from dataset.registry import read_split
 
     entries, ann_file, _ = read_split(args.dataset, "train", args.ann_root, args.image_root)
-    drawn = draw_prompts(entries, args.num_queries, args.seed, source=f"{args.dataset} train ({ann_file})")
+    features = None
+    if args.prompt_selection == "coverage":
+        from utils.models.encoders import build_text_encoder
+
+        encoder = build_text_encoder(args.coverage_text_encoder)
+        features = encoder.encode
+    drawn = draw_prompts(entries, args.num_queries, args.seed, source=f"{args.dataset} train ({ann_file})",
+                         selection=args.prompt_selection, text_features=features)
+    draw = ("one caption each of num_queries distinct train images, random.Random('edge-sampling-prompts:<seed>')"
+            if args.prompt_selection == "random" else
+            f"coverage: one caption per train image, k-means (seed) on {args.coverage_text_encoder} features, "
+            "the caption nearest each centre")
     source = {"type": "dataset", "dataset": args.dataset, "split": "train", "ann_file": str(Path(ann_file).resolve()),
-              "draw": "one caption each of num_queries distinct train images, random.Random('edge-sampling-prompts:"
-                      "<seed>')", "source_images": [d["image"] for d in drawn]}
+              "draw": draw, "source_images": [d["image"] for d in drawn]}
     return [d["prompt"] for d in drawn], source
 
 
@@ -122,7 +147,8 @@ def main(args):
         width=args.width, negative_prompt=args.negative_prompt, dtype=args.mixed_precision, seed=args.seed,
         batch_size=args.batch_size, lora_weights=args.lora_weights, overwrite=args.overwrite,
         preview_n=args.preview_n, image_format=args.image_format, channels_last=args.channels_last,
-        attention=args.attention, progress=not args.no_progress)
+        attention=args.attention, progress=not args.no_progress, best_of=args.best_of,
+        best_of_scorer=args.best_of_scorer)
 
 
 if __name__ == "__main__":

@@ -34,14 +34,25 @@ VARIANTS = {
     "mse_only": ["--lambda_contrastive", "0", "--lambda_diversity", "0"],
     "contrastive": ["--lambda_diversity", "0"],
     "edge": [],
+    "edge_tmin500": ["--edge_t_min", "500"],
+}
+# beyond the paper, on top of the EDGE generator: sampling flags of each set
+SAMPLING_OPTIONS = {
+    "edge_coverage": ["--prompt_selection", "coverage"],
+    "edge_best4": ["--best_of", "4"],  # the scorer is added where it is known
 }
 ROW_LABELS = {
     "random": "random real pairs",
+    "random_cpi5": "random real images, 5 real captions each (control of cpi 5)",
     "before": "generator before fine-tuning",
     "mse_only": "fine-tuned, MSE only (control)",
     "contrastive": "fine-tuned, MSE + contrastive",
     "edge": "EDGE (MSE + contrastive + diversity)",
+    "edge_tmin500": "EDGE, contrastive/diversity at t >= 500 only",
     "edge_cpi2": "EDGE, cpi 2 (retrieval captions)",
+    "edge_cpi5": "EDGE, cpi 5 (retrieval captions)",
+    "edge_coverage": "EDGE, prompts chosen by coverage (k-means on MiniLM features)",
+    "edge_best4": "EDGE, best of 4 candidates by the scorer",
     "full_real": "full real training set",
 }
 
@@ -70,10 +81,10 @@ def parse_args(argv=None):
     return args
 
 
-def _sample(runner, args, dflags, name, model, folder, n) -> float:
+def _sample(runner, args, dflags, name, model, folder, n, extra=()) -> float:
     return runner.run(f"sample_{name}_{n}", _python("edge_diffusion_sampling.py") + [
         "--config", args.sample_config, *dflags, "--pretrained_model_name_or_path", model, "--num_queries", n,
-        "--output_dir", folder, "--seed", args.seed] + quick_overrides(args, "sample"),
+        "--output_dir", folder, "--seed", args.seed, *extra] + quick_overrides(args, "sample"),
         lambda: _manifest_complete(folder), fresh_flags=["--overwrite"])
 
 
@@ -110,12 +121,20 @@ def run_ablation(args) -> dict:
         _sample(runner, args, dflags, name, model, sets[name], args.num_images)
         follow[name] = out / "follow" / name
         _sample(runner, args, dflags, name, model, follow[name], args.follow_samples)
-    sets["edge_cpi2"] = out / "sets" / "edge_cpi2"
-    runner.run("caption_edge_cpi2", _python("caption_synthesis_retrieval.py") + [
-        "--config", args.caption_config, *dflags, "--input_dir", sets["edge"], "--output_dir", sets["edge_cpi2"],
-        "--cpi", "2", "--scorer", f"retrieval:{scorer}", "--seed", args.seed],
-        lambda: _caption_done(sets["edge_cpi2"]), fresh_clear=sets["edge_cpi2"])
+    for name, flags in SAMPLING_OPTIONS.items():
+        sets[name] = out / "sets" / name
+        extra = flags + (["--best_of_scorer", f"retrieval:{scorer}"] if "--best_of" in flags else [])
+        _sample(runner, args, dflags, name, models["edge"], sets[name], args.num_images, extra)
+    for cpi in (2, 5):
+        name = f"edge_cpi{cpi}"
+        sets[name] = out / "sets" / name
+        runner.run(f"caption_{name}", _python("caption_synthesis_retrieval.py") + [
+            "--config", args.caption_config, *dflags, "--input_dir", sets["edge"], "--output_dir", sets[name],
+            "--cpi", cpi, "--scorer", f"retrieval:{scorer}", "--seed", args.seed],
+            lambda f=sets[name]: _caption_done(f), fresh_clear=sets[name])
     run_eval(runner, args, dflags, "random", ["--baseline", "random", "--n", args.num_images], out, results_table)
+    run_eval(runner, args, dflags, "random_cpi5", ["--baseline", "random", "--n", args.num_images,
+                                                   "--captions_per_image", "5"], out, results_table)
     for name, folder in sets.items():
         run_eval(runner, args, dflags, name, ["--distill_dir", folder], out, results_table)
     return {"out": out, "data_dir": None if args.data else data_dir, "models": models, "follow": follow,

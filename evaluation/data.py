@@ -60,7 +60,9 @@ def train_groups(args):
         raise fail(f"--n {args.n} exceeds the {len(groups)} images of the {args.dataset} train split")
     rng = random.Random(args.seed)
     chosen = sorted(rng.sample(range(len(groups)), args.n))
-    return [{**groups[i], "captions": [rng.choice(groups[i]["captions"])]} for i in chosen], image_root
+    k = args.captions_per_image
+    return [{**groups[i], "captions": rng.sample(groups[i]["captions"], min(k, len(groups[i]["captions"])))
+             if k > 1 else [rng.choice(groups[i]["captions"])]} for i in chosen], image_root
 
 
 def build_train_set(args, size, text_encoder, cache_dir, lors=None):

@@ -57,6 +57,8 @@ def parse_args(argv=None):
     g.add_argument("--baseline", choices=("random", "full"), default=None,
                    help="random: --n distinct real train images, one random caption each; full: all pairs")
     g.add_argument("--n", type=int, default=None, help="size of the random baseline")
+    g.add_argument("--captions_per_image", type=int, default=1,
+                   help="random baseline: real captions kept per image (the control of a distilled set's --cpi)")
     g.add_argument("--lors_learned_lr", action="store_true",
                    help="with --lors_pt: use the set's learned syn_lr_img/syn_lr_txt as --lr_img/--lr_txt")
     g = p.add_argument_group("model")
@@ -125,6 +127,10 @@ def _validate_args(args) -> None:
         raise fail("--baseline random needs --n (at least 2)")
     if args.n is not None and args.baseline != "random":
         raise fail("--n only applies to --baseline random")
+    if args.captions_per_image != 1 and args.baseline != "random":
+        raise fail("--captions_per_image only applies to --baseline random")
+    if args.captions_per_image < 1:
+        raise fail("--captions_per_image must be at least 1")
     if args.lors_learned_lr and not args.lors_pt:
         raise fail("--lors_learned_lr only applies to --lors_pt")
     for name in ("epochs", "eval_every", "batch_size_train", "batch_size_test", "seeds"):
@@ -153,7 +159,7 @@ def _default_cache_dir(args):
 def source_name(args) -> str:
     """Short name of the training source (random-100, full, distilled:<folder>, lors:<file>)."""
     if args.baseline == "random":
-        return f"random-{args.n}"
+        return f"random-{args.n}" + (f"-cpi{args.captions_per_image}" if args.captions_per_image > 1 else "")
     if args.baseline == "full":
         return "full"
     if args.distill_dir:

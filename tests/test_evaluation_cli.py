@@ -143,3 +143,16 @@ def test_warns_when_the_manifest_records_failed_or_missing_captions(env, tmp_pat
     assert len(groups) == 4
     err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
     assert len(err) == 1 and str(folder / "manifest.json") in err[0] and "images/000002.png" in err[0]
+
+
+def test_random_baseline_captions_per_image(env, tmp_path):
+    from evaluation.data import train_groups
+
+    one = train_groups(parse_args(_argv(env, tmp_path / "a", "--baseline", "random", "--n", "6")))[0]
+    five = train_groups(parse_args(_argv(env, tmp_path / "b", "--baseline", "random", "--n", "6",
+                                         "--captions_per_image", "5")))[0]
+    assert [len(g["captions"]) for g in one] == [1] * 6
+    assert [g["image"] for g in five] == [g["image"] for g in one]  # the same images as the 1-caption baseline
+    assert all(len(g["captions"]) == 5 == len(set(g["captions"])) for g in five)
+    with pytest.raises(InputError, match="captions_per_image only applies"):
+        parse_args(_argv(env, tmp_path / "c", "--baseline", "full", "--captions_per_image", "5"))

@@ -23,6 +23,7 @@ from utils.common.atomic_io import atomic_save_image, check_output_dir
 from utils.common.errors import fail
 from utils.common.precision import weight_dtype
 from utils.common.seeding import item_generator
+from utils.stages.best_of import candidate_scores, candidate_seed, pick_best
 from utils.stages.sampled_set import (blocks_for_process, check_existing_set, clear_output_dir, finalize_set,
                                       image_is_complete, image_relpath)
 from utils.stages.sampling_prompts import prompts_digest
@@ -144,11 +145,13 @@ class PromptEncoder:
 
 @torch.no_grad()
 def render_images(pipe, encoder: PromptEncoder, prompts, indices, seed: int, num_inference_steps: int,
-                  guidance_scale: float, height: int, width: int) -> list:
-    """PIL images for `prompts`; image `indices[k]` uses the generator `item_generator(seed, indices[k])`."""
+                  guidance_scale: float, height: int, width: int, candidate: int = 0) -> list:
+    """PIL images for `prompts`; image `indices[k]` uses the generator `item_generator(seed, indices[k])`
+    (candidate j > 0 of best-of-k: seeded by `best_of.candidate_seed(seed, indices[k], j)`)."""
     if len(prompts) != len(indices):
         raise ValueError("one prompt per index")
-    generators = [item_generator(seed, i) for i in indices]
+    generators = [item_generator(seed, i) if candidate == 0 else
+                  torch.Generator().manual_seed(candidate_seed(seed, i, candidate)) for i in indices]
     kwargs = dict(prompt_embeds=encoder.encode(prompts),
                   num_inference_steps=num_inference_steps, guidance_scale=guidance_scale, height=height,
                   width=width, generator=generators, output_type="pil")
@@ -161,8 +164,12 @@ def render_images(pipe, encoder: PromptEncoder, prompts, indices, seed: int, num
 
 
 def render_blocks(pipe, encoder, prompts, blocks, output_dir, seed, num_inference_steps, guidance_scale, height,
-                  width, image_format="png", progress=True, desc="sampling", position=0) -> int:
+                  width, image_format="png", progress=True, desc="sampling", position=0, best_of=1,
+                  scorer=None) -> int:
     """Render every block with at least one missing image and write its missing images atomically.
+
+    With best_of k > 1, k candidates per image are drawn and the one `scorer` ranks highest for its
+    prompt is kept (utils.stages.best_of).
 
     A whole block is re-rendered (never a partial one) so a resumed set equals an uninterrupted one.
     Existing files are decoded first: an empty or truncated image (left by a crash outside the atomic
@@ -176,8 +183,13 @@ def render_blocks(pipe, encoder, prompts, blocks, output_dir, seed, num_inferenc
     bar = tqdm(total=sum(len(b) for b in todo), desc=desc, unit="img", disable=not progress, position=position)
     written = 0
     for block in todo:
-        images = render_images(pipe, encoder, [prompts[i] for i in block], block, seed, num_inference_steps,
-                               guidance_scale, height, width)
+        block_prompts = [prompts[i] for i in block]
+        candidates = [render_images(pipe, encoder, block_prompts, block, seed, num_inference_steps, guidance_scale,
+                                    height, width, candidate=j) for j in range(best_of)]
+        images = candidates[0]
+        if best_of > 1:
+            choice = pick_best(candidate_scores(scorer, candidates, block_prompts))
+            images = [candidates[j][k] for k, j in enumerate(choice)]
         for i, image in zip(block, images):
             path = output_dir / image_relpath(i, image_format)
             if i in broken:
@@ -200,7 +212,8 @@ def model_identity(model) -> str:
 def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, scheduler="default",
                          num_inference_steps=50, guidance_scale=7.5, height=None, width=None, negative_prompt=None,
                          dtype="no", seed=0, batch_size=1, lora_weights=None, overwrite=False, preview_n=16,
-                         image_format="png", channels_last=False, attention="sdpa", progress=True) -> Path:
+                         image_format="png", channels_last=False, attention="sdpa", progress=True, best_of=1,
+                         best_of_scorer=None) -> Path:
     """Render one image per prompt into a distilled-set folder, across all processes of the launch.
 
     Every process calls this. Process r renders blocks c with c % K == r; a rerun renders only blocks with
@@ -223,6 +236,10 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
         raise fail(f"--num_inference_steps must be positive, got {num_inference_steps}")
     if not prompts:
         raise fail("no prompts to render")
+    if best_of < 1:
+        raise fail(f"--best_of must be at least 1, got {best_of}")
+    if best_of > 1 and not best_of_scorer:
+        raise fail("--best_of > 1 needs --best_of_scorer (the retrieval model that ranks the candidates)")
     blocks_for_process(len(prompts), batch_size, 0, 1)  # validates batch_size before the model loads
     output_dir = Path(output_dir)
     check_output_dir(output_dir)  # a file or a read-only folder: one line now, not after the model loads
@@ -253,6 +270,7 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
         "num_images": len(prompts),
         "prompt_source": prompt_source,
         "prompts_sha256": prompts_digest(prompts),
+        **({"best_of": int(best_of), "best_of_scorer": str(best_of_scorer)} if best_of > 1 else {}),
         "code_version": code_version(),
     }
     must_clear = check_existing_set(output_dir, settings, overwrite)
@@ -266,9 +284,15 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
 
     blocks = blocks_for_process(len(prompts), batch_size, state.process_index, state.num_processes)
     encoder = PromptEncoder(pipe, negative_prompt)
+    scorer = None
+    if best_of > 1:
+        from utils.models.scorers import build_scorer
+
+        scorer = build_scorer(best_of_scorer, device=state.device).freeze_and_move()
     desc = "sampling" if state.num_processes == 1 else f"sampling [process {state.process_index}]"
     render_blocks(pipe, encoder, prompts, blocks, output_dir, seed, num_inference_steps, guidance_scale, height,
-                  width, image_format, progress=progress, desc=desc, position=state.process_index)
+                  width, image_format, progress=progress, desc=desc, position=state.process_index, best_of=best_of,
+                  scorer=scorer)
     state.wait_for_everyone()
     if state.is_main_process:
         finalize_set(output_dir, prompts, image_format, preview_n)

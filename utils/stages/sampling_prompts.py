@@ -7,10 +7,14 @@ from pathlib import Path
 from utils.common.errors import fail
 
 
-def draw_prompts(train_entries, num_queries: int, seed: int, source: str = "train captions") -> list:
+def draw_prompts(train_entries, num_queries: int, seed: int, source: str = "train captions",
+                 selection: str = "random", text_features=None) -> list:
     """`num_queries` prompts from Karpathy train entries: one caption each of distinct images, no repeats.
 
-    Returns [{"prompt", "image", "image_id"}] (the source image of each prompt). Deterministic in `seed`.
+    selection "random": distinct images drawn at random; "coverage": one caption drawn per image, then the
+    captions nearest the k-means centres of their `text_features(captions) -> [n, d]` (utils.stages.
+    prompt_coverage). Returns [{"prompt", "image", "image_id"}] (the source image of each prompt).
+    Deterministic in `seed`.
     """
     from dataset.karpathy import group_by_image
 
@@ -19,10 +23,20 @@ def draw_prompts(train_entries, num_queries: int, seed: int, source: str = "trai
     groups = group_by_image(train_entries)
     if num_queries > len(groups):
         raise fail(f"--num_queries {num_queries} exceeds the {len(groups)} distinct images of {source}")
-    rng = random.Random(f"edge-sampling-prompts:{int(seed)}")
-    chosen = rng.sample(range(len(groups)), num_queries)
-    return [{"prompt": rng.choice(groups[g]["captions"]), "image": groups[g]["image"],
-             "image_id": groups[g]["image_id"]} for g in chosen]
+    if selection == "random":
+        rng = random.Random(f"edge-sampling-prompts:{int(seed)}")
+        chosen = rng.sample(range(len(groups)), num_queries)
+        return [{"prompt": rng.choice(groups[g]["captions"]), "image": groups[g]["image"],
+                 "image_id": groups[g]["image_id"]} for g in chosen]
+    if selection != "coverage":
+        raise fail(f"unknown prompt selection {selection!r}; choose random or coverage")
+    from utils.stages.prompt_coverage import coverage_choice
+
+    rng = random.Random(f"edge-sampling-prompts-coverage:{int(seed)}")
+    captions = [rng.choice(g["captions"]) for g in groups]
+    chosen = coverage_choice(text_features(captions), num_queries, seed)
+    return [{"prompt": captions[g], "image": groups[g]["image"], "image_id": groups[g]["image_id"]}
+            for g in chosen]
 
 
 def read_prompts_file(path, num_queries: int = None) -> list:
