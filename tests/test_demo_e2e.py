@@ -70,6 +70,27 @@ def test_report_reading_follows_the_numbers():
     assert any("within one std" in x for x in close) and not any("loses" in x for x in close)
     single = reading({"random_100": res(10.0, 0.0), "edge_cpi2": res(11.0, 0.0)}, {}, 1)
     assert single[0].startswith("One seed") and not any("within one std" in x for x in single)
+    level = reading({"random_100": res(10.0, 1.0), "edge_cpi2": res(9.5, 1.0)}, {}, 3)
+    assert any("level with (not above)" in x for x in level) and not any("loses" in x for x in level)
+
+
+def test_report_reading_names_the_attributes_the_generator_misses():
+    from demo.report import reading
+
+    def res(mean, std):
+        return {"summary": {"r_mean": {"mean": mean, "std": std}}}
+
+    def share(p, lo, hi):
+        return {"share": p, "lo": lo, "hi": hi}
+
+    real = {k: share(100, 98, 100) for k in ("colour", "shape", "size", "position", "background", "all")}
+    good = dict(real)
+    weak = {**real, "shape": share(40, 35, 45), "all": share(40, 35, 45)}
+    rows = {"random_100": res(10.0, 0.5), "edge_cpi2": res(5.0, 0.5)}
+    missed = reading(rows, {"real test images": real, "samples before EDGE": weak, "samples after EDGE": weak}, 3)
+    assert any("falls short of real images in shape" in x for x in missed)
+    faithful = reading(rows, {"real test images": real, "samples before EDGE": good, "samples after EDGE": good}, 3)
+    assert any("not the generator's drawing" in x for x in faithful)
 
 
 def test_full_set_epochs_make_the_ceiling_see_at_least_the_small_rows_images():
