@@ -209,6 +209,22 @@ def model_identity(model) -> str:
     return str(path.resolve()) if path.exists() else str(model)
 
 
+def _check_inputs(prompts, output_dir, num_inference_steps, image_format, batch_size, best_of, best_of_scorer):
+    """The stage's checks that need no model, one line each, before the pipeline loads."""
+    if image_format not in IMAGE_FORMATS:
+        raise fail(f"unknown image format {image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
+    if num_inference_steps <= 0:
+        raise fail(f"--num_inference_steps must be positive, got {num_inference_steps}")
+    if not prompts:
+        raise fail("no prompts to render")
+    if best_of < 1:
+        raise fail(f"--best_of must be at least 1, got {best_of}")
+    if best_of > 1 and not best_of_scorer:
+        raise fail("--best_of > 1 needs --best_of_scorer (the retrieval model that ranks the candidates)")
+    blocks_for_process(len(prompts), batch_size, 0, 1)  # validates batch_size
+    check_output_dir(output_dir)  # a file or a read-only folder: one line now, not after the model loads
+
+
 def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, scheduler="default",
                          num_inference_steps=50, guidance_scale=7.5, height=None, width=None, negative_prompt=None,
                          dtype="no", seed=0, batch_size=1, lora_weights=None, overwrite=False, preview_n=16,
@@ -230,19 +246,8 @@ def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, sch
     state = PartialState()
     if state.device.type == "cpu":
         set_cpu_threads()
-    if image_format not in IMAGE_FORMATS:
-        raise fail(f"unknown image format {image_format!r}; choose from {', '.join(IMAGE_FORMATS)}")
-    if num_inference_steps <= 0:
-        raise fail(f"--num_inference_steps must be positive, got {num_inference_steps}")
-    if not prompts:
-        raise fail("no prompts to render")
-    if best_of < 1:
-        raise fail(f"--best_of must be at least 1, got {best_of}")
-    if best_of > 1 and not best_of_scorer:
-        raise fail("--best_of > 1 needs --best_of_scorer (the retrieval model that ranks the candidates)")
-    blocks_for_process(len(prompts), batch_size, 0, 1)  # validates batch_size before the model loads
     output_dir = Path(output_dir)
-    check_output_dir(output_dir)  # a file or a read-only folder: one line now, not after the model loads
+    _check_inputs(prompts, output_dir, num_inference_steps, image_format, batch_size, best_of, best_of_scorer)
     pipe = load_sampling_pipeline(model, dtype=dtype, scheduler=scheduler, lora_weights=lora_weights,
                                   device=state.device, channels_last=channels_last, attention=attention)
     dh, dw = default_size(pipe)
