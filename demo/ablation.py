@@ -13,7 +13,8 @@ interrupted ablation resumes. Results: <output_dir>/ablation.md and ablation.jso
 
 Usage:
     python -m demo.ablation --output_dir outputs/ablation                      # shipped model, procedural data
-    python -m demo.ablation --output_dir outputs/ablation_holdout --data_config configs/demo_data_holdout.yaml
+    python -m demo.ablation --output_dir outputs/ablation_holdout --data_config configs/demo_data_holdout.yaml \
+        --base_model runs/holdout_sd     # held-out variant, its own generator (configs/demo_data_holdout.yaml)
 """
 import argparse
 import json
