@@ -11,10 +11,16 @@ Each fine-tuning run records how far its weights moved (edge_diffusion_train's r
 Every stage goes through the script a user would run, with demo/run_demo.py's stage runner, so an
 interrupted ablation resumes. Results: <output_dir>/ablation.md and ablation.json.
 
+A recipe sweep adds fine-tuning rows with --variant NAME="flags" (flags on top of the EDGE recipe) and
+keeps only the rows it names with --rows (the full real set always runs: it is the scorer and the judge).
+
 Usage:
     python -m demo.ablation --output_dir outputs/ablation                      # shipped model, procedural data
     python -m demo.ablation --output_dir outputs/ablation_holdout --data_config configs/demo_data_holdout.yaml \
         --base_model runs/holdout_sd     # held-out variant, its own generator (configs/demo_data_holdout.yaml)
+    python -m demo.ablation --output_dir outputs/sweep --seeds 3 --rows random,before \
+        --variant "lora_mse=--trainable lora --lambda_contrastive 0 --lambda_diversity 0" \
+        --variant "lora_edge=--trainable lora"     # a control/EDGE pair under another recipe
 """
 import argparse
 import json
@@ -71,6 +77,10 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--full_epochs", type=int, default=None)
     p.add_argument("--edge_flags", default="", help="extra flags for every fine-tuning run (quoted string)")
+    p.add_argument("--variant", action="append", default=[], metavar='NAME="FLAGS"',
+                   help="an extra fine-tuning row: NAME and the flags it adds to the EDGE recipe (repeatable)")
+    p.add_argument("--rows", default=None,
+                   help="comma-separated rows to run (default: all, and every --variant); full_real always runs")
     p.add_argument("--quick", action="store_true", help="tiny configuration (the test)")
     add_stage_recipes(p)
     args = parse_args_with_recipe(p, argv)
@@ -79,7 +89,46 @@ def parse_args(argv=None):
         raise fail("--seeds must be at least 2 (seed 1's full-set model is the independent judge)")
     if not _is_pipeline(Path(args.base_model)):
         raise fail(f"--base_model {args.base_model} is not a diffusers pipeline folder (model_index.json, unet/)")
+    args.variants = parse_variants(args.variant)
+    args.rows = selected_rows(args.rows, args.variants)
     return args
+
+
+def parse_variants(specs) -> dict:
+    """--variant NAME="FLAGS" entries as {name: [flags]} after the built-in VARIANTS (one-line error if malformed)."""
+    variants = dict(VARIANTS)
+    for spec in specs:
+        name, sep, flags = spec.partition("=")
+        name = name.strip()
+        if not sep or not name.isidentifier() or not flags.strip():
+            raise fail(f'--variant {spec!r}: expected NAME="FLAGS", e.g. lora_edge="--trainable lora"')
+        if name in ROW_LABELS or name in variants:
+            raise fail(f"--variant {name}: the name is taken by a built-in row")
+        variants[name] = flags.split()
+    return variants
+
+
+def selected_rows(rows, variants: dict) -> list:
+    """The rows to run, in table order: --rows (or all), plus the EDGE model that the edge_* set rows build on."""
+    known = list(ROW_LABELS)[:-1] + [v for v in variants if v not in ROW_LABELS] + ["full_real"]
+    if rows is None:
+        chosen = set(known)
+    else:
+        chosen = {r.strip() for r in rows.split(",") if r.strip()}
+        unknown = sorted(chosen - set(known))
+        if unknown:
+            raise fail(f"--rows: unknown row(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    if any(r.startswith("edge_") and r not in variants for r in chosen):
+        chosen.add("edge")
+    chosen.add("full_real")
+    return [r for r in known if r in chosen]
+
+
+def row_label(args, name: str) -> str:
+    """The table label of a row: the built-in one, or the flags of a --variant."""
+    if name in ROW_LABELS:
+        return ROW_LABELS[name]
+    return f"{name}: fine-tuned with {' '.join(args.variants[name])}"
 
 
 def _sample(runner, args, dflags, name, model, folder, n, extra=()) -> float:
@@ -108,7 +157,9 @@ def run_ablation(args) -> dict:
              extra_check=lambda: (scorer_root / f"seed_{args.seed}" / "retrieval_model.safetensors").is_file())
     scorer = scorer_root / f"seed_{args.seed}"
     models = {"before": Path(args.base_model)}
-    for name, flags in VARIANTS.items():
+    for name, flags in args.variants.items():
+        if name not in args.rows:
+            continue
         folder = out / "models" / name
         runner.run(f"train_{name}", _python("edge_diffusion_train.py") + [
             "--config", args.edge_config, *dflags, "--pretrained_model_name_or_path", args.base_model,
@@ -118,24 +169,32 @@ def run_ablation(args) -> dict:
         models[name] = folder
     sets, follow = {}, {}
     for name, model in models.items():
+        if name not in args.rows:
+            continue
         sets[name] = out / "sets" / name
         _sample(runner, args, dflags, name, model, sets[name], args.num_images)
         follow[name] = out / "follow" / name
         _sample(runner, args, dflags, name, model, follow[name], args.follow_samples)
     for name, flags in SAMPLING_OPTIONS.items():
+        if name not in args.rows:
+            continue
         sets[name] = out / "sets" / name
         extra = flags + (["--best_of_scorer", f"retrieval:{scorer}"] if "--best_of" in flags else [])
         _sample(runner, args, dflags, name, models["edge"], sets[name], args.num_images, extra)
     for cpi in (2, 5):
         name = f"edge_cpi{cpi}"
+        if name not in args.rows:
+            continue
         sets[name] = out / "sets" / name
         runner.run(f"caption_{name}", _python("caption_synthesis_retrieval.py") + [
             "--config", args.caption_config, *dflags, "--input_dir", sets["edge"], "--output_dir", sets[name],
             "--cpi", cpi, "--scorer", f"retrieval:{scorer}", "--seed", args.seed],
             lambda f=sets[name]: _caption_done(f), fresh_clear=sets[name])
-    run_eval(runner, args, dflags, "random", ["--baseline", "random", "--n", args.num_images], out, results_table)
-    run_eval(runner, args, dflags, "random_cpi5", ["--baseline", "random", "--n", args.num_images,
-                                                   "--captions_per_image", "5"], out, results_table)
+    baselines = {"random": ["--baseline", "random", "--n", args.num_images],
+                 "random_cpi5": ["--baseline", "random", "--n", args.num_images, "--captions_per_image", "5"]}
+    for name, inputs in baselines.items():
+        if name in args.rows:
+            run_eval(runner, args, dflags, name, inputs, out, results_table)
     for name, folder in sets.items():
         run_eval(runner, args, dflags, name, ["--distill_dir", folder], out, results_table)
     return {"out": out, "data_dir": None if args.data else data_dir, "models": models, "follow": follow,
@@ -148,8 +207,8 @@ def collect(args, info) -> dict:
     from demo.prompt_rank import measure_prompt_rank, real_test_items
 
     out = info["out"]
-    rows = {k: _read_json(out / "eval" / k / "results.json") for k in ROW_LABELS}
-    labels = {name: ROW_LABELS[name] for name in info["follow"]}
+    rows = {k: _read_json(out / "eval" / k / "results.json") for k in args.rows}
+    labels = {name: row_label(args, name) for name in info["follow"]}
     follow = {}
     if info["data_dir"]:
         named = {labels[k]: v for k, v in info["follow"].items()}
@@ -160,10 +219,12 @@ def collect(args, info) -> dict:
     rank = measure_prompt_rank(f"retrieval:{info['judge']}", {labels[k]: v for k, v in info["follow"].items()},
                                real, block=min(100, args.follow_samples))
     moved = {}
-    for name in VARIANTS:
+    for name in args.variants:
+        if name not in info["models"]:
+            continue
         summary = _read_json(info["models"][name] / "logs" / "run_summary.json")
         if summary:
-            moved[labels[name]] = {k: summary.get(k) for k in ("param_change", "pixel_change")}
+            moved[row_label(args, name)] = {k: summary.get(k) for k in ("param_change", "pixel_change")}
     return {"retrieval": {k: v.get("summary") for k, v in rows.items() if v},
             "image_steps": {k: image_steps(v) for k, v in rows.items() if v},
             "prompt_following": follow, "prompt_rank": rank, "moved": moved}
@@ -178,8 +239,8 @@ def markdown(args, numbers: dict) -> str:
          f"{args.num_images}-image sets; retrieval mean ± std over {args.seeds} seeds (from {args.seed}); prompt "
          f"following over {args.follow_samples} samples per generator with 95 % Wilson intervals.", "",
          "| training set | image steps | r_mean | IR@1 | TR@1 |", "|---|---|---|---|---|"]
-    for k, label in ROW_LABELS.items():
-        s = numbers["retrieval"].get(k)
+    for k in args.rows:
+        label, s = row_label(args, k), numbers["retrieval"].get(k)
         if s:
             cell = lambda m: f"{s[m]['mean']:.1f} ± {s[m]['std']:.1f}"  # noqa: E731
             L.append(f"| {label} | {numbers['image_steps'].get(k)} | {cell('r_mean')} | {cell('img_r1')} | "

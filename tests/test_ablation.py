@@ -1,7 +1,10 @@
 """The ablation table: rows in the paper's order, noise printed, movement shown."""
 from types import SimpleNamespace
 
-from demo.ablation import ROW_LABELS, VARIANTS, markdown
+import pytest
+
+from demo.ablation import ROW_LABELS, VARIANTS, markdown, parse_variants, row_label, selected_rows
+from utils.common.errors import InputError
 
 
 def test_markdown_lists_rows_with_their_noise_and_movement():
@@ -11,7 +14,8 @@ def test_markdown_lists_rows_with_their_noise_and_movement():
                "prompt_following": {}, "prompt_rank": {},
                "moved": {ROW_LABELS["edge"]: {"param_change": 0.0123, "pixel_change": 4.5}}}
     args = SimpleNamespace(base_model="assets/demo_sd", edge_config="configs/demo_edge.yaml", edge_flags="",
-                           num_images=100, seeds=5, seed=0, follow_samples=300)
+                           num_images=100, seeds=5, seed=0, follow_samples=300, rows=list(ROW_LABELS),
+                           variants=dict(VARIANTS))
     md = markdown(args, numbers)
     lines = md.splitlines()
     rows = [line for line in lines if line.startswith("| ") and "±" in line]
@@ -20,3 +24,26 @@ def test_markdown_lists_rows_with_their_noise_and_movement():
     # the control, the two EDGE steps and EDGE with its terms at high noise only
     assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500"}
     assert list(ROW_LABELS)[:2] == ["random", "random_cpi5"] and list(ROW_LABELS)[-1] == "full_real"
+
+
+def test_variants_add_rows_before_the_full_set_and_rows_pull_in_what_they_build_on():
+    variants = parse_variants(["lora_edge=--trainable lora --learning_rate 1e-4"])
+    assert variants["lora_edge"] == ["--trainable", "lora", "--learning_rate", "1e-4"]
+    assert selected_rows(None, variants)[-2:] == ["lora_edge", "full_real"]
+    # cpi 2 captions the EDGE set, so the EDGE row comes with it; the full set is always there
+    assert selected_rows("random,edge_cpi2", variants) == ["random", "edge", "edge_cpi2", "full_real"]
+    assert selected_rows("lora_edge", variants) == ["lora_edge", "full_real"]
+    args = SimpleNamespace(variants=variants)
+    assert row_label(args, "lora_edge") == "lora_edge: fine-tuned with --trainable lora --learning_rate 1e-4"
+    assert row_label(args, "edge") == ROW_LABELS["edge"]
+
+
+@pytest.mark.parametrize("spec", ["no_flags=", "=--trainable lora", "bad name=--x 1", "edge=--x 1", "plain"])
+def test_malformed_or_taken_variant_is_refused(spec):
+    with pytest.raises(InputError, match="--variant"):
+        parse_variants([spec])
+
+
+def test_unknown_row_is_refused_with_the_known_ones():
+    with pytest.raises(InputError, match="unknown row.*ranodm.*known: random"):
+        selected_rows("ranodm", dict(VARIANTS))
