@@ -114,6 +114,13 @@ def reading(results: dict, follow: dict, seeds: int = 3) -> list:
                      f"{r['full_real']:.1f} r_mean, not above the {r['random_100']:.1f} of the random pairs. It was "
                      "not trained long enough (see its image steps), so neither the ceiling nor the EDGE rows, "
                      "whose scorer it is, can be read; rerun with a larger --full_epochs.")
+    elif "full_real" in r and "random_100" in r and seeds > 1 and \
+            r["full_real"] - r["random_100"] <= s["full_real"] + s["random_100"]:
+        lines.append("WEAK CEILING: the full real set, the ceiling of this table and the EDGE scorer, scores "
+                     f"{r['full_real']:.1f} ± {s['full_real']:.1f} r_mean, within noise of the "
+                     f"{r['random_100']:.1f} ± {s['random_100']:.1f} of the random pairs: at its image steps it is "
+                     "no clear ceiling, and EDGE follows a scorer no better than 100 real pairs; rerun with a larger "
+                     "--full_epochs.")
     for a, b in (("full_real", "random_100"), ("edge_cpi1", "sd_before_edge"), ("edge_cpi2", "edge_cpi1"),
                  ("edge_cpi2", "random_100")):
         c = cmp(a, b)
