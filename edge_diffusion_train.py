@@ -101,6 +101,9 @@ def _objective_flags(a) -> None:
            "hold the real image's shape) through a second UNet forward; the MSE term keeps --t_min..--t_max. "
            "Default: the MSE term's draw (one forward, as in the paper)")
     a("--edge_t_max", type=int, default=None, help="upper end of --edge_t_min's range (default: --t_max)")
+    a("--x0_unroll_steps", type=int, default=0,
+      help="K > 0: the EDGE terms score the x0 of a K-step DDIM chain from pure noise (as sampling makes images, "
+           "gradients through every step) instead of the one-step estimate from the noised real latent")
     a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
       help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points, "
            "without each image's similarity to its own caption; image")

@@ -48,3 +48,45 @@ def test_epsilon_with_zero_terminal_snr_is_refused():
     check_x0_estimable(DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction",
                                      rescale_betas_zero_snr=True), 0, 999)
     check_x0_estimable(DDPMScheduler(num_train_timesteps=1000, prediction_type="epsilon"), 0, 999)
+
+
+class _LinearUNet(torch.nn.Module):
+    """A stand-in UNet: out = w * z + b, recording the timesteps it is called at."""
+
+    def __init__(self):
+        super().__init__()
+        self.w, self.b = torch.nn.Parameter(torch.tensor(0.5)), torch.nn.Parameter(torch.tensor(0.1))
+        self.seen = []
+
+    def forward(self, z, t, cond):
+        self.seen.append(t.tolist())
+        return type("Out", (), {"sample": self.w * z + self.b})()
+
+
+def test_unrolled_chain_runs_trailing_steps_from_noise_with_gradients_through_each():
+    from diffusers import DDIMScheduler
+
+    from utils.method.denoise import unrolled_x0
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                          clip_sample=False)
+    unet, cond = _LinearUNet(), torch.zeros(2, 3, 8)
+    x0 = unrolled_x0(unet, sched, cond, (2, 4, 8, 8), 3, torch.Generator().manual_seed(0))
+    assert unet.seen == [[999, 999], [666, 666], [332, 332]]  # trailing spacing: round(1000 - k * 1000 / 3) - 1
+    x0.sum().backward()
+    assert unet.w.grad.abs() > 0 and unet.b.grad.abs() > 0
+    # by hand for one step: x0 = sqrt(abar) z - sqrt(1 - abar) v at t = 999, z the seed's noise (abar = 0 there)
+    one = unrolled_x0(_LinearUNet(), sched, cond, (2, 4, 8, 8), 1, torch.Generator().manual_seed(0))
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    assert torch.allclose(one, -(0.5 * z + 0.1), atol=1e-5)
+    # two steps equal a DDIM sampling loop with the same noise
+    ddim = DDIMScheduler.from_config(sched.config, timestep_spacing="trailing")
+    ddim.set_timesteps(2)
+    ref_unet = _LinearUNet()
+    zz = z.clone()
+    with torch.no_grad():
+        zz = ddim.step(ref_unet(zz, torch.tensor([999, 999]), cond).sample, ddim.timesteps[0], zz).prev_sample
+        last = ref_unet(zz, torch.tensor([499, 499]), cond).sample
+        ref = predicted_x0(sched, last, zz, torch.tensor([499, 499]))
+        two = unrolled_x0(_LinearUNet(), sched, cond, (2, 4, 8, 8), 2, torch.Generator().manual_seed(0))
+    assert torch.allclose(two, ref, atol=1e-5)

@@ -323,3 +323,26 @@ def test_edge_timestep_range_draws_a_second_forward(assets, tmp_path, monkeypatc
     assert any(min(t) < 900 for t in train_calls[0::2])
     with pytest.raises(InputError, match="--edge_t_min"):
         script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--edge_t_min", "5000")))
+
+
+def test_unrolled_x0_runs_the_chain_from_noise_and_refuses_a_timestep_range(assets, tmp_path, monkeypatch):
+    """--x0_unroll_steps 2: per step one MSE forward at random t, then the chain at 999 and 499 (trailing)."""
+    from diffusers import UNet2DConditionModel
+
+    seen = []
+    original = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, *a, **k):
+        seen.append(sorted(set(torch.as_tensor(timestep).flatten().tolist())))
+        return original(self, sample, timestep, *a, **k)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    out = tmp_path / "run"
+    script.main(script.parse_args(_argv(assets, out, "--max_train_steps", "2", "--train_batch_size", "4",
+                                        "--lambda_mse", "1", "--x0_unroll_steps", "2", "--validation_steps", "0",
+                                        "--checkpointing_steps", "0")))
+    assert seen[1:3] == [[999], [499]] and seen[4:6] == [[999], [499]]
+    assert _log(out)[-1]["contrastive"] > 0
+    with pytest.raises(InputError, match="--x0_unroll_steps"):
+        script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--x0_unroll_steps", "2",
+                                            "--edge_t_min", "500")))

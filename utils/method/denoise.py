@@ -66,3 +66,24 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     if ptype == "sample":
         return latents
     raise ValueError(f"unknown prediction type '{ptype}' (choose from {', '.join(PREDICTION_TYPES)})")
+
+
+def unrolled_x0(unet, scheduler, encoder_hidden_states: torch.Tensor, shape, steps: int, generator: torch.Generator,
+                clamp: float = None) -> torch.Tensor:
+    """x0 estimate at the last step of a `steps`-step DDIM chain from pure noise, differentiable through every step.
+
+    The chain runs as sampling does (trailing timestep spacing, no guidance), conditioned on
+    `encoder_hidden_states`; the returned latent is the last step's x0 estimate (what sampling decodes).
+    """
+    from diffusers import DDIMScheduler
+
+    ddim = DDIMScheduler.from_config(scheduler.config, timestep_spacing="trailing")
+    ddim.set_timesteps(steps)
+    device, dtype = encoder_hidden_states.device, encoder_hidden_states.dtype
+    z = (torch.randn(tuple(shape), generator=generator) * ddim.init_noise_sigma).to(device, dtype)
+    for i, t in enumerate(ddim.timesteps):
+        ts = t.to(device).expand(z.shape[0])
+        out = unet(z, ts, encoder_hidden_states).sample
+        if i == len(ddim.timesteps) - 1:
+            return predicted_x0(scheduler, out.float(), z, ts, clamp=clamp)
+        z = ddim.step(out, t, z).prev_sample

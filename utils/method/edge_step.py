@@ -1,7 +1,8 @@
 """The EDGE training step: one batch's noise-MSE, contrastive and diversity terms through the x0 estimate.
 
   z0 = vae.encode(x) * scaling_factor;  zt = add_noise(z0, eps, t), t ~ U{t_min..t_max}
-  (with --edge_t_min/--edge_t_max the EDGE terms use a second draw t' ~ U{edge_t_min..edge_t_max} and forward)
+  (with --edge_t_min/--edge_t_max the EDGE terms use a second draw t' ~ U{edge_t_min..edge_t_max} and forward;
+   with --x0_unroll_steps K they use the x0 of a K-step DDIM chain from pure noise instead, as sampling makes it)
   pred = unet(zt, t, text_encoder(caption))                 (the noised latent, not z0)
   x0^ = predicted_x0(pred, zt, t);  img^ = vae.decode(x0^ / scaling_factor)   (with gradients)
   L = lambda_C * contrastive(scorer(img^), scorer(caption)) + lambda_D * diversity(...) + lambda_mse * MSE
@@ -10,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.method.denoise import diffusion_target, predicted_x0
+from utils.method.denoise import diffusion_target, predicted_x0, unrolled_x0
 from utils.method.losses import contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1
 from utils.method.vae_latents import sample_cached_latents, vae_decode, vae_encode
 
@@ -29,6 +30,7 @@ class EDGELossConfig:
     t_max: int = 999
     edge_t_min: int = None  # EDGE terms on their own timestep range (second UNet forward); None: the MSE's draw
     edge_t_max: int = None
+    x0_unroll_steps: int = 0  # >0: EDGE terms on a K-step DDIM chain from noise (denoise.unrolled_x0)
 
     @property
     def separate_edge_timesteps(self) -> bool:
@@ -75,14 +77,18 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         out["mse"] = noise_mse_loss(model_pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
         loss = loss + cfg.lambda_mse * out["mse"]
     if cfg.uses_scorer:
-        if cfg.separate_edge_timesteps:  # fresh noise at a timestep of the EDGE range, same latents and captions
-            lo = cfg.t_min if cfg.edge_t_min is None else cfg.edge_t_min
-            hi = cfg.t_max if cfg.edge_t_max is None else cfg.edge_t_max
-            timesteps = torch.randint(lo, hi + 1, (latents.shape[0],), generator=generator).to(device)
-            noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator).to(device),
-                                              timesteps)
-            model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
-        x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
+        if cfg.x0_unroll_steps:
+            x0 = unrolled_x0(unet, noise_scheduler, encoder_hidden_states, latents.shape, cfg.x0_unroll_steps,
+                             generator, clamp=cfg.x0_clamp)
+        else:
+            if cfg.separate_edge_timesteps:  # fresh noise at a timestep of the EDGE range, same latents and captions
+                lo = cfg.t_min if cfg.edge_t_min is None else cfg.edge_t_min
+                hi = cfg.t_max if cfg.edge_t_max is None else cfg.edge_t_max
+                timesteps = torch.randint(lo, hi + 1, (latents.shape[0],), generator=generator).to(device)
+                noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator).to(device),
+                                                  timesteps)
+                model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
+            x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
         images = (decoder or (lambda z: vae_decode(vae, z)))(x0.to(weight_dtype))
         u = scorer.encode_image(images)
         v = scorer.encode_text(captions).to(u.device)

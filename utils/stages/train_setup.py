@@ -99,6 +99,11 @@ def prepare_models(args, cfg: EDGELossConfig, device, weight_dtype) -> TrainMode
     hi = cfg.t_max if cfg.edge_t_max is None else cfg.edge_t_max
     if cfg.separate_edge_timesteps and not 0 <= lo <= hi < n_train_t:
         raise fail(f"need 0 <= --edge_t_min <= --edge_t_max < {n_train_t}, got {lo}..{hi}")
+    cfg.x0_unroll_steps = getattr(args, "x0_unroll_steps", 0) or 0
+    if not 0 <= cfg.x0_unroll_steps <= n_train_t:
+        raise fail(f"--x0_unroll_steps must be between 0 and {n_train_t}, got {cfg.x0_unroll_steps}")
+    if cfg.x0_unroll_steps and cfg.separate_edge_timesteps:
+        raise fail("--x0_unroll_steps starts the EDGE terms' chain from pure noise; it does not take --edge_t_min/max")
     if cfg.uses_scorer:
         check_x0_estimable(comps.noise_scheduler, min(cfg.t_min, lo), max(cfg.t_max, hi))
     scorer = build_scorer(args.scorer, device, weight_dtype) if cfg.uses_scorer else None
