@@ -76,7 +76,7 @@ def measure(args) -> dict:
 
     comps = load_sd_components(args.model)
     for m in (comps.unet, comps.vae, comps.text_encoder):
-        m.eval()
+        m.float().eval()  # the shipped model is stored in fp16
     resolution = int(comps.unet.config.sample_size) * 2 ** (len(comps.vae.config.block_out_channels) - 1)
     images, prompts = real_test_items(args.dataset, args.data, args.images, n=args.n)
     rows = {"real test images": images, "real, VAE round trip": vae_round_trip(comps.vae, images, resolution)}
