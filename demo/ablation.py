@@ -34,6 +34,7 @@ from demo.run_demo import (TRAIN_RERUN, StageRunner, _caption_done, _full_epochs
 from utils.common.atomic_io import atomic_write_json, atomic_write_text
 from utils.common.config import parse_args_with_recipe, save_run_config
 from utils.common.errors import fail, run_cli
+from utils.stages.train_run import has_final_model
 
 ROOT = Path(__file__).resolve().parent.parent
 # fine-tuning variants: flags added to the EDGE recipe
@@ -131,6 +132,14 @@ def row_label(args, name: str) -> str:
     return f"{name}: fine-tuned with {' '.join(args.variants[name])}"
 
 
+def sampling_source(base_model, folder) -> tuple:
+    """The model and extra sampling flags for a fine-tuned folder: a pipeline, or LoRA weights on the base model."""
+    folder = Path(folder)
+    if not (folder / "model_index.json").is_file() and (folder / "pytorch_lora_weights.safetensors").is_file():
+        return Path(base_model), ["--lora_weights", folder]
+    return folder, []
+
+
 def _sample(runner, args, dflags, name, model, folder, n, extra=()) -> float:
     return runner.run(f"sample_{name}_{n}", _python("edge_diffusion_sampling.py") + [
         "--config", args.sample_config, *dflags, "--pretrained_model_name_or_path", model, "--num_queries", n,
@@ -164,7 +173,7 @@ def run_ablation(args) -> dict:
         runner.run(f"train_{name}", _python("edge_diffusion_train.py") + [
             "--config", args.edge_config, *dflags, "--pretrained_model_name_or_path", args.base_model,
             "--output_dir", folder, "--scorer", f"retrieval:{scorer}", "--seed", args.seed, *flags,
-            *args.edge_flags.split()] + quick_overrides(args, "edge"), lambda f=folder: _is_pipeline(f),
+            *args.edge_flags.split()] + quick_overrides(args, "edge"), lambda f=folder: has_final_model(f),
             **TRAIN_RERUN)
         models[name] = folder
     sets, follow = {}, {}
@@ -172,9 +181,10 @@ def run_ablation(args) -> dict:
         if name not in args.rows:
             continue
         sets[name] = out / "sets" / name
-        _sample(runner, args, dflags, name, model, sets[name], args.num_images)
+        model, extra = sampling_source(args.base_model, model)
+        _sample(runner, args, dflags, name, model, sets[name], args.num_images, extra)
         follow[name] = out / "follow" / name
-        _sample(runner, args, dflags, name, model, follow[name], args.follow_samples)
+        _sample(runner, args, dflags, name, model, follow[name], args.follow_samples, extra)
     for name, flags in SAMPLING_OPTIONS.items():
         if name not in args.rows:
             continue

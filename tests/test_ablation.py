@@ -1,9 +1,10 @@
 """The ablation table: rows in the paper's order, noise printed, movement shown."""
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 
-from demo.ablation import ROW_LABELS, VARIANTS, markdown, parse_variants, row_label, selected_rows
+from demo.ablation import ROW_LABELS, VARIANTS, markdown, parse_variants, row_label, sampling_source, selected_rows
 from utils.common.errors import InputError
 
 
@@ -47,3 +48,12 @@ def test_malformed_or_taken_variant_is_refused(spec):
 def test_unknown_row_is_refused_with_the_known_ones():
     with pytest.raises(InputError, match="unknown row.*ranodm.*known: random"):
         selected_rows("ranodm", dict(VARIANTS))
+
+
+def test_lora_run_is_sampled_as_base_model_plus_its_weights(tmp_path):
+    lora, full = tmp_path / "lora", tmp_path / "full"
+    lora.mkdir(), full.mkdir()
+    (lora / "pytorch_lora_weights.safetensors").write_bytes(b"")
+    (full / "model_index.json").write_text("{}")
+    assert sampling_source("base", lora) == (Path("base"), ["--lora_weights", lora])
+    assert sampling_source("base", full) == (full, [])
