@@ -104,6 +104,9 @@ def _objective_flags(a) -> None:
     a("--x0_unroll_steps", type=int, default=0,
       help="K > 0: the EDGE terms score the x0 of a K-step DDIM chain from pure noise (as sampling makes images, "
            "gradients through every step) instead of the one-step estimate from the noised real latent")
+    a("--hard_negative_batches", action="store_true",
+      help="cut each batch from one k-means cluster of the scorer's caption features (about two batches of "
+           "images per cluster, reclustered every epoch), so the contrastive term's negatives are near misses")
     a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
       help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points, "
            "without each image's similarity to its own caption; image")

@@ -346,3 +346,26 @@ def test_unrolled_x0_runs_the_chain_from_noise_and_refuses_a_timestep_range(asse
     with pytest.raises(InputError, match="--x0_unroll_steps"):
         script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--x0_unroll_steps", "2",
                                             "--edge_t_min", "500")))
+
+
+def test_hard_negative_batches_come_from_one_cluster_and_need_the_scorer(assets, tmp_path, monkeypatch):
+    """--hard_negative_batches: the batches seen in training are the sampler's cluster-cut runs."""
+    import utils.stages.hard_negatives as hn
+
+    orders = []
+    original = hn.similar_caption_order
+
+    def spy(*a, **k):
+        orders.append(original(*a, **k))
+        return orders[-1]
+
+    monkeypatch.setattr(hn, "similar_caption_order", spy)
+    out = tmp_path / "run"
+    script.main(script.parse_args(_argv(assets, out, "--max_train_steps", "2", "--train_batch_size", "4",
+                                        "--hard_negative_batches", "--validation_steps", "0",
+                                        "--checkpointing_steps", "0")))
+    assert orders and _log(out)[-1]["contrastive"] > 0
+    with pytest.raises(InputError, match="--hard_negative_batches"):
+        script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--hard_negative_batches",
+                                            "--lambda_contrastive", "0", "--lambda_diversity", "0",
+                                            "--lambda_mse", "1")))

@@ -74,6 +74,9 @@ def loss_config(args, world: int) -> EDGELossConfig:
         raise fail(f"the contrastive loss needs at least 2 captions per batch for negatives; got "
                    f"--train_batch_size {args.train_batch_size}"
                    + (f" x {world} processes" if args.gather_features else " (per process, --gather_features off)"))
+    if getattr(args, "hard_negative_batches", False) and not cfg.uses_scorer:
+        raise fail("--hard_negative_batches clusters by the EDGE scorer: it needs --lambda_contrastive or "
+                   "--lambda_diversity > 0")
     return cfg
 
 
@@ -172,8 +175,11 @@ def build_optimizer(args, params):
                              weight_decay=args.weight_decay, eps=args.adam_epsilon)
 
 
-def build_train_data(args, vae, cfg: EDGELossConfig, accelerator) -> TrainData:
-    """The training set (or, with --cache_latents, its captions and the cached VAE posteriors) and its loader."""
+def build_train_data(args, vae, cfg: EDGELossConfig, accelerator, scorer=None) -> TrainData:
+    """The training set (or, with --cache_latents, its captions and the cached VAE posteriors) and its loader.
+
+    With --hard_negative_batches the batches are cut from clusters of the scorer's caption features.
+    """
     from utils.stages.latent_cache import collate_captions
 
     world = accelerator.num_processes
@@ -194,8 +200,19 @@ def build_train_data(args, vae, cfg: EDGELossConfig, accelerator) -> TrainData:
     if drop_last and len(dataset) < args.train_batch_size * world:
         raise fail(f"the training set has {len(dataset)} {dataset_unit(dataset)}, fewer than one batch of "
                    f"{args.train_batch_size} x {world} processes")
-    sampler = EpochShuffleSampler(len(dataset), args.seed)
+    sampler = (_hard_negative_sampler(args, dataset, scorer, accelerator) if getattr(args, "hard_negative_batches", False)
+               else EpochShuffleSampler(len(dataset), args.seed))
     loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                         collate_fn=collate_captions if latent_cache is not None else collate,
                         num_workers=args.dataloader_num_workers, drop_last=drop_last)
     return TrainData(dataset, sampler, loader, latent_cache)
+
+
+def _hard_negative_sampler(args, dataset, scorer, accelerator):
+    """HardNegativeSampler over the training images, clustered by the EDGE scorer's caption features."""
+    from utils.stages.hard_negatives import HardNegativeSampler, image_text_features
+
+    base = getattr(dataset, "base", dataset)
+    features = image_text_features(base.groups, scorer.encode_text, progress=accelerator.is_local_main_process)
+    item_image = [base.item_ref(k)[0] for k in range(len(base))]
+    return HardNegativeSampler(features, item_image, args.train_batch_size, args.seed)

@@ -77,7 +77,7 @@ def setup_training(args) -> TrainSetup:
                 if cfg.uses_scorer and args.gather_features and world > 1 else None)
     ema_unet = build_ema(args, models.unet, accelerator.device)
     optimizer = build_optimizer(args, models.params)
-    data = build_train_data(args, models.vae, cfg, accelerator)
+    data = build_train_data(args, models.vae, cfg, accelerator, models.scorer)
     steps_per_epoch = math.ceil(math.ceil(len(data.loader) / world) / args.gradient_accumulation_steps)
     max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
     lr_scheduler = get_scheduler(args.lr_scheduler, optimizer=optimizer,
