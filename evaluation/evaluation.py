@@ -79,6 +79,9 @@ def parse_args(argv=None):
     g.add_argument("--no_aug", action="store_true",
                    help="edge protocol: no training augmentation (the public evaluator's --no_aug, "
                         "EDGE dataset/__init__.py L91-92)")
+    g.add_argument("--x0_augment", action="store_true",
+                   help="also blur and noise half the training images like a one-step x0 estimate (beyond the "
+                        "paper: a scorer for EDGE that reads the estimates at high noise; see evaluation/x0_augment.py)")
     g.add_argument("--epochs", type=int, default=None, help="lors 100, edge 100")
     g.add_argument("--eval_every", type=int, default=None, help="lors 5, edge 5")
     g.add_argument("--batch_size_train", type=int, default=None, help="lors 128, edge 32")
@@ -220,7 +223,8 @@ def _train_config(args, settings, use_val, train, lors):
                       batch_size_test=args.batch_size_test, lr_img=args.lr_img, lr_txt=args.lr_txt,
                       momentum=args.momentum, weight_decay=args.weight_decay, lr_schedule=args.lr_schedule,
                       eval_val=use_val, pairs=settings.pairs,
-                      augment="none" if args.no_aug else settings.augment, drop_last=settings.drop_last)
+                      augment="none" if args.no_aug else settings.augment, drop_last=settings.drop_last,
+                      x0_augment=args.x0_augment)
     n_items = num_training_items(train, cfg)
     if cfg.drop_last and n_items < cfg.batch_size_train:
         raise fail(f"--protocol {args.protocol} drops the last partial batch, and the {n_items} training pairs of "
@@ -304,8 +308,8 @@ def main(args):
         "run_name": run_name,
         "config": args_to_dict(args),
         **run_info(),
-        "protocol": {"name": args.protocol, "pairs": cfg.pairs, "augment": cfg.augment, "drop_last": cfg.drop_last,
-                     "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
+        "protocol": {"name": args.protocol, "pairs": cfg.pairs, "augment": cfg.augment, "x0_augment": cfg.x0_augment,
+                     "drop_last": cfg.drop_last, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
                      "batch_size_train": cfg.batch_size_train, "sources": settings.sources},
         "image_size": size,
         "preprocess": preprocess,

@@ -27,6 +27,7 @@ from utils.models.retrieval_model import RetrievalModel, normalize_pixels
 
 from .metrics import itm_recalls
 from .protocol import edge_train_augment
+from .x0_augment import x0_degrade
 
 SELECTION_RULES = ("last", "best_val", "best_test")
 SELECTION_LABELS = {
@@ -174,6 +175,7 @@ class TrainConfig:
     pairs: str = "one_caption_per_image"  # or "every_caption" (edge protocol)
     augment: str = "none"  # or "randaugment" (edge protocol, training images only)
     drop_last: bool = False  # drop the last partial batch (edge protocol)
+    x0_augment: bool = False  # also degrade training images like a one-step x0 estimate (a scorer for EDGE)
 
 
 def epoch_batches(train: TrainSet, cfg: TrainConfig, seed: int, epoch: int) -> list:
@@ -252,6 +254,8 @@ def train_retrieval(model: RetrievalModel, train: TrainSet, test: EvalSplit, pre
             pixels = train.images[idx]
             if cfg.augment == "randaugment":
                 pixels = edge_train_augment(pixels, aug_gen)
+            if cfg.x0_augment:
+                pixels = x0_degrade(pixels, aug_gen)
             pixels = encoder_input(pixels.to(device), preprocess)
             text = train.text_features[text_ids].to(device)
             with accelerator.autocast():

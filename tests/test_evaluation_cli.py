@@ -156,3 +156,12 @@ def test_random_baseline_captions_per_image(env, tmp_path):
     assert all(len(g["captions"]) == 5 == len(set(g["captions"])) for g in five)
     with pytest.raises(InputError, match="captions_per_image only applies"):
         parse_args(_argv(env, tmp_path / "c", "--baseline", "full", "--captions_per_image", "5"))
+
+
+def test_x0_augment_is_recorded_and_changes_training(env, tmp_path):
+    plain = main(parse_args(_argv(env, tmp_path / "plain", "--baseline", "random", "--n", "6", "--epochs", "1")))
+    aug = main(parse_args(_argv(env, tmp_path / "aug", "--baseline", "random", "--n", "6", "--epochs", "1",
+                                "--x0_augment")))
+    saved = json.loads((tmp_path / "aug" / "results.json").read_text())
+    assert saved["protocol"]["x0_augment"] is True
+    assert aug["history"]["0"][0]["loss"] != plain["history"]["0"][0]["loss"]
