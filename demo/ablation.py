@@ -9,7 +9,8 @@ procedural set) and own-prompt rank by an independent retrieval model (seed 1's 
 Each fine-tuning run records how far its weights moved (edge_diffusion_train's run summary).
 
 Every stage goes through the script a user would run, with demo/run_demo.py's stage runner, so an
-interrupted ablation resumes. Results: <output_dir>/ablation.md and ablation.json.
+interrupted ablation resumes; each stage names the stages it reads, so a row added to a finished ablation
+runs only its own stages. Results: <output_dir>/ablation.md and ablation.json.
 
 A recipe sweep adds fine-tuning rows with --variant NAME="flags" (flags on top of the EDGE recipe) and
 keeps only the rows it names with --rows (the full real set always runs: it is the scorer and the judge).
@@ -140,11 +141,11 @@ def sampling_source(base_model, folder) -> tuple:
     return folder, []
 
 
-def _sample(runner, args, dflags, name, model, folder, n, extra=()) -> float:
+def _sample(runner, args, dflags, name, model, folder, n, extra=(), after=()) -> float:
     return runner.run(f"sample_{name}_{n}", _python("edge_diffusion_sampling.py") + [
         "--config", args.sample_config, *dflags, "--pretrained_model_name_or_path", model, "--num_queries", n,
         "--output_dir", folder, "--seed", args.seed, *extra] + quick_overrides(args, "sample"),
-        lambda: _manifest_complete(folder), fresh_flags=["--overwrite"])
+        lambda: _manifest_complete(folder), fresh_flags=["--overwrite"], after=("data", *after))
 
 
 def run_ablation(args) -> dict:
@@ -158,12 +159,14 @@ def run_ablation(args) -> dict:
     if not args.data:
         runner.run("data", _python("dataset.procedural") + [
             "--config", args.data_config, "--output_dir", data_dir, "--seed", args.seed]
-            + quick_overrides(args, "data"), lambda: (data_dir / "spec.json").is_file(), fresh_flags=["--overwrite"])
+            + quick_overrides(args, "data"), lambda: (data_dir / "spec.json").is_file(), fresh_flags=["--overwrite"],
+            after=())
     results_table = out / "results.md"
     scorer_root = out / "scorer"
     run_eval(runner, args, dflags, "full_real", ["--baseline", "full", "--epochs", _full_epochs(args, dflags),
                                                  "--save_model_dir", scorer_root], out, results_table,
-             extra_check=lambda: (scorer_root / f"seed_{args.seed}" / "retrieval_model.safetensors").is_file())
+             extra_check=lambda: (scorer_root / f"seed_{args.seed}" / "retrieval_model.safetensors").is_file(),
+             after=["data"])
     scorer = scorer_root / f"seed_{args.seed}"
     models = {"before": Path(args.base_model)}
     for name, flags in args.variants.items():
@@ -174,23 +177,27 @@ def run_ablation(args) -> dict:
             "--config", args.edge_config, *dflags, "--pretrained_model_name_or_path", args.base_model,
             "--output_dir", folder, "--scorer", f"retrieval:{scorer}", "--seed", args.seed, *flags,
             *args.edge_flags.split()] + quick_overrides(args, "edge"), lambda f=folder: has_final_model(f),
-            **TRAIN_RERUN)
+            after=["data", "eval_full_real"], **TRAIN_RERUN)
         models[name] = folder
-    sets, follow = {}, {}
+    sets, follow, made_by = {}, {}, {}  # made_by: the stage that wrote each set (its evaluation's input)
     for name, model in models.items():
         if name not in args.rows:
             continue
         sets[name] = out / "sets" / name
         model, extra = sampling_source(args.base_model, model)
-        _sample(runner, args, dflags, name, model, sets[name], args.num_images, extra)
+        trained = [f"train_{name}"]
+        _sample(runner, args, dflags, name, model, sets[name], args.num_images, extra, after=trained)
+        made_by[name] = f"sample_{name}_{args.num_images}"
         follow[name] = out / "follow" / name
-        _sample(runner, args, dflags, name, model, follow[name], args.follow_samples, extra)
+        _sample(runner, args, dflags, name, model, follow[name], args.follow_samples, extra, after=trained)
     for name, flags in SAMPLING_OPTIONS.items():
         if name not in args.rows:
             continue
         sets[name] = out / "sets" / name
         extra = flags + (["--best_of_scorer", f"retrieval:{scorer}"] if "--best_of" in flags else [])
-        _sample(runner, args, dflags, name, models["edge"], sets[name], args.num_images, extra)
+        _sample(runner, args, dflags, name, models["edge"], sets[name], args.num_images, extra,
+                after=["train_edge", "eval_full_real"])
+        made_by[name] = f"sample_{name}_{args.num_images}"
     for cpi in (2, 5):
         name = f"edge_cpi{cpi}"
         if name not in args.rows:
@@ -199,14 +206,17 @@ def run_ablation(args) -> dict:
         runner.run(f"caption_{name}", _python("caption_synthesis_retrieval.py") + [
             "--config", args.caption_config, *dflags, "--input_dir", sets["edge"], "--output_dir", sets[name],
             "--cpi", cpi, "--scorer", f"retrieval:{scorer}", "--seed", args.seed],
-            lambda f=sets[name]: _caption_done(f), fresh_clear=sets[name])
+            lambda f=sets[name]: _caption_done(f), fresh_clear=sets[name],
+            after=["data", "eval_full_real", made_by["edge"]])
+        made_by[name] = f"caption_{name}"
     baselines = {"random": ["--baseline", "random", "--n", args.num_images],
                  "random_cpi5": ["--baseline", "random", "--n", args.num_images, "--captions_per_image", "5"]}
     for name, inputs in baselines.items():
         if name in args.rows:
-            run_eval(runner, args, dflags, name, inputs, out, results_table)
+            run_eval(runner, args, dflags, name, inputs, out, results_table, after=["data"])
     for name, folder in sets.items():
-        run_eval(runner, args, dflags, name, ["--distill_dir", folder], out, results_table)
+        run_eval(runner, args, dflags, name, ["--distill_dir", folder], out, results_table,
+                 after=["data", made_by[name]])
     return {"out": out, "data_dir": None if args.data else data_dir, "models": models, "follow": follow,
             "judge": scorer_root / f"seed_{args.seed + 1}"}
 

@@ -87,18 +87,22 @@ class StageRunner:
         self.log_dir = output_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.upstream_ran = False  # once a stage runs, the later ones see new inputs and run again
+        self.ran = set()  # the stages that ran in this invocation
 
-    def run(self, name: str, cmd: list, done_check, resume_flags=(), fresh_flags=(), fresh_clear=None) -> float:
+    def run(self, name: str, cmd: list, done_check, resume_flags=(), fresh_flags=(), fresh_clear=None,
+            after=None) -> float:
         """Run `cmd` unless the same command already finished and `done_check()` confirms its outputs.
 
         A stage that was started with the same command but did not finish gets `resume_flags` (it
         continues from its checkpoints); a stage whose command changed gets `fresh_flags` (it replaces
-        the old outputs, or has the folder `fresh_clear` removed first), as does every stage after one
-        that ran (its inputs are new).
+        the old outputs, or has the folder `fresh_clear` removed first), as does every stage whose inputs
+        are new: with `after` (the names of the stages it reads), one of those ran; without it, any
+        earlier stage ran (a pipeline where each stage reads the ones before it).
         """
         cmd = [str(c) for c in cmd]
         prev = self.state.get(name)
-        same = bool(prev) and prev.get("command") == cmd[1:] and not self.upstream_ran
+        stale = self.upstream_ran if after is None else bool(self.ran.intersection(after))
+        same = bool(prev) and prev.get("command") == cmd[1:] and not stale
         if same and prev.get("status") == "done" and done_check():
             print(f"[demo] {name}: finished earlier ({prev['wall_time_s']:.0f} s), skipped")
             return prev["wall_time_s"]
@@ -107,6 +111,7 @@ class StageRunner:
             shutil.rmtree(fresh_clear)
         print(f"[demo] {name}: {' '.join(cmd[1:] + extra)}", flush=True)
         self.upstream_ran = True
+        self.ran.add(name)
         self.state[name] = {"command": cmd[1:], "status": "started"}
         atomic_write_json(self.state_path, self.state)
         log = self.log_dir / f"{name}.log"
@@ -297,15 +302,16 @@ def eval_image_size(args) -> int:
     return min(max(load_image(Path(root) / entries[0]["image"]).size), MAX_EVAL_SIZE)
 
 
-def run_eval(runner, args, dflags, name, inputs, out, results_table, extra_check=lambda: True) -> float:
-    """One stage-4 evaluation (all seeds) of a training set into out/eval/<name>."""
+def run_eval(runner, args, dflags, name, inputs, out, results_table, extra_check=lambda: True,
+             after=None) -> float:
+    """One stage-4 evaluation (all seeds) of a training set into out/eval/<name> (`after`: StageRunner.run's)."""
     folder = out / "eval" / name
     size = eval_image_size(args)
     return runner.run(f"eval_{name}", _python("evaluation.evaluation") + [
         "--config", args.eval_config, *dflags, *inputs, "--seeds", args.seeds, "--seed", args.seed,
         *(["--image_size", size] if size else []),
         "--run_name", name, "--output_dir", folder, "--results_table", results_table, "--overwrite",
-        "--no_progress"] + quick_overrides(args, "eval"), lambda: _has_results(folder) and extra_check())
+        "--no_progress"] + quick_overrides(args, "eval"), lambda: _has_results(folder) and extra_check(), after=after)
 
 
 def _caption_done(folder: Path) -> bool:

@@ -57,3 +57,49 @@ def test_lora_run_is_sampled_as_base_model_plus_its_weights(tmp_path):
     (full / "model_index.json").write_text("{}")
     assert sampling_source("base", lora) == (Path("base"), ["--lora_weights", lora])
     assert sampling_source("base", full) == (full, [])
+
+
+def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
+    # a recording runner: which stage reads which (the ablation's rows are independent of each other)
+    import demo.ablation as ablation
+
+    calls = {}
+
+    class Recorder:
+        def __init__(self, out):
+            pass
+
+        def run(self, name, cmd, done_check, after=None, **kw):
+            calls[name] = after
+            return 0.0
+
+    monkeypatch.setattr(ablation, "StageRunner", Recorder)
+    args = ablation.parse_args(["--output_dir", str(tmp_path), "--full_epochs", "1", "--rows",
+                                "random,before,mse_only,edge,edge_cpi2,edge_best4,lora_edge",
+                                "--variant", "lora_edge=--trainable lora"])
+    ablation.run_ablation(args)
+    assert all(after is not None for after in calls.values()), calls  # no stage falls back to "all before me"
+    assert calls["train_lora_edge"] == ["data", "eval_full_real"]
+    assert set(calls["sample_lora_edge_100"]) == {"data", "train_lora_edge"}
+    assert set(calls["sample_before_100"]) == {"data", "train_before"}  # no such stage: only the data
+    assert set(calls["eval_lora_edge"]) == {"data", "sample_lora_edge_100"}
+    assert set(calls["caption_edge_cpi2"]) == {"data", "eval_full_real", "sample_edge_100"}
+    assert set(calls["eval_edge_cpi2"]) == {"data", "caption_edge_cpi2"}
+    assert set(calls["sample_edge_best4_100"]) == {"data", "train_edge", "eval_full_real"}
+    assert calls["eval_random"] == ["data"]
+
+
+def test_stage_runner_redoes_a_stage_only_after_what_it_reads(tmp_path):
+    import sys
+
+    from demo.run_demo import StageRunner
+
+    marker = tmp_path / "ran.txt"
+    cmd = [sys.executable, "-c", f"import sys; open(r'{marker}', 'a').write(' '.join(sys.argv[1:]) + ';')"]
+    runner = StageRunner(tmp_path)
+    for name in ("b", "c"):  # finished earlier with the same command
+        runner.state[name] = {"command": cmd[1:], "status": "done", "wall_time_s": 1.0}
+    runner.run("a", cmd, marker.exists, fresh_flags=["--a"])
+    runner.run("b", cmd, marker.exists, fresh_flags=["--b"], after=["x"])  # x did not run: b is kept
+    runner.run("c", cmd, marker.exists, fresh_flags=["--c"], after=["a"])  # a ran: c starts over
+    assert marker.read_text() == "--a;--c;"
