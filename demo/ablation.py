@@ -185,7 +185,7 @@ def run_ablation(args) -> dict:
             continue
         sets[name] = out / "sets" / name
         model, extra = sampling_source(args.base_model, model)
-        trained = [f"train_{name}"]
+        trained = [f"train_{name}"] if name in args.variants else []  # "before" is the base model
         _sample(runner, args, dflags, name, model, sets[name], args.num_images, extra, after=trained)
         made_by[name] = f"sample_{name}_{args.num_images}"
         follow[name] = out / "follow" / name

@@ -86,8 +86,7 @@ class StageRunner:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {}
         self.log_dir = output_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
-        self.upstream_ran = False  # once a stage runs, the later ones see new inputs and run again
-        self.ran = set()  # the stages that ran in this invocation
+        self.ran = set()  # the stages that ran in this invocation (their readers see new inputs and run again)
 
     def run(self, name: str, cmd: list, done_check, resume_flags=(), fresh_flags=(), fresh_clear=None,
             after=None) -> float:
@@ -101,7 +100,7 @@ class StageRunner:
         """
         cmd = [str(c) for c in cmd]
         prev = self.state.get(name)
-        stale = self.upstream_ran if after is None else bool(self.ran.intersection(after))
+        stale = bool(self.ran) if after is None else bool(self.ran.intersection(after))
         same = bool(prev) and prev.get("command") == cmd[1:] and not stale
         if same and prev.get("status") == "done" and done_check():
             print(f"[demo] {name}: finished earlier ({prev['wall_time_s']:.0f} s), skipped")
@@ -110,7 +109,6 @@ class StageRunner:
         if not same and fresh_clear is not None and Path(fresh_clear).exists():
             shutil.rmtree(fresh_clear)
         print(f"[demo] {name}: {' '.join(cmd[1:] + extra)}", flush=True)
-        self.upstream_ran = True
         self.ran.add(name)
         self.state[name] = {"command": cmd[1:], "status": "started"}
         atomic_write_json(self.state_path, self.state)

@@ -81,7 +81,7 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     assert all(after is not None for after in calls.values()), calls  # no stage falls back to "all before me"
     assert calls["train_lora_edge"] == ["data", "eval_full_real"]
     assert set(calls["sample_lora_edge_100"]) == {"data", "train_lora_edge"}
-    assert set(calls["sample_before_100"]) == {"data", "train_before"}  # no such stage: only the data
+    assert set(calls["sample_before_100"]) == {"data"}
     assert set(calls["eval_lora_edge"]) == {"data", "sample_lora_edge_100"}
     assert set(calls["caption_edge_cpi2"]) == {"data", "eval_full_real", "sample_edge_100"}
     assert set(calls["eval_edge_cpi2"]) == {"data", "caption_edge_cpi2"}
