@@ -87,6 +87,7 @@ class StageRunner:
         self.log_dir = output_dir / "logs"
         self.log_dir.mkdir(parents=True, exist_ok=True)
         self.ran = set()  # the stages that ran in this invocation (their readers see new inputs and run again)
+        self.seen = []  # the stages asked for in this invocation, in order (the inputs of a stage without `after`)
 
     def run(self, name: str, cmd: list, done_check, resume_flags=(), fresh_flags=(), fresh_clear=None,
             after=None) -> float:
@@ -96,12 +97,14 @@ class StageRunner:
         continues from its checkpoints); a stage whose command changed gets `fresh_flags` (it replaces
         the old outputs, or has the folder `fresh_clear` removed first), as does every stage whose inputs
         are new: with `after` (the names of the stages it reads), one of those ran; without it, any
-        earlier stage ran (a pipeline where each stage reads the ones before it).
+        earlier stage ran (a pipeline where each stage reads the ones before it). An input also counts as
+        new when it finished after this stage last started (it was redone in a run stopped before this stage).
         """
         cmd = [str(c) for c in cmd]
         prev = self.state.get(name)
-        stale = bool(self.ran) if after is None else bool(self.ran.intersection(after))
-        same = bool(prev) and prev.get("command") == cmd[1:] and not stale
+        inputs = list(self.seen) if after is None else list(after)
+        self.seen.append(name)
+        same = bool(prev) and prev.get("command") == cmd[1:] and not self._inputs_new(inputs, prev)
         if same and prev.get("status") == "done" and done_check():
             print(f"[demo] {name}: finished earlier ({prev['wall_time_s']:.0f} s), skipped")
             return prev["wall_time_s"]
@@ -110,11 +113,11 @@ class StageRunner:
             shutil.rmtree(fresh_clear)
         print(f"[demo] {name}: {' '.join(cmd[1:] + extra)}", flush=True)
         self.ran.add(name)
-        self.state[name] = {"command": cmd[1:], "status": "started"}
+        start = time.time()
+        self.state[name] = {"command": cmd[1:], "status": "started", "started_at": start}
         atomic_write_json(self.state_path, self.state)
         log = self.log_dir / f"{name}.log"
         env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", PYTHONPATH=str(ROOT))
-        start = time.time()
         with open(log, "a") as f:
             proc = subprocess.run(cmd + extra, cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
         wall = time.time() - start
@@ -124,10 +127,16 @@ class StageRunner:
         if not done_check():
             raise StageFailed(f"stage {name} exited 0 but its outputs are incomplete; see {log}")
         self.state[name] = {"command": cmd[1:], "status": "done", "wall_time_s": wall,
-                            "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+                            "finished": time.strftime("%Y-%m-%d %H:%M:%S"), "started_at": start,
+                            "finished_at": time.time()}
         atomic_write_json(self.state_path, self.state)
         print(f"[demo] {name}: done in {wall:.0f} s", flush=True)
         return wall
+
+    def _inputs_new(self, inputs, prev) -> bool:
+        """Whether one of `inputs` ran in this invocation, or finished after the stage recorded in `prev` started."""
+        started = prev.get("started_at", float("inf")) if prev else float("inf")  # older state files: no times
+        return any(d in self.ran or self.state.get(d, {}).get("finished_at", 0.0) > started for d in inputs)
 
 
 def _read_json(path: Path) -> dict:

@@ -103,3 +103,25 @@ def test_stage_runner_redoes_a_stage_only_after_what_it_reads(tmp_path):
     runner.run("b", cmd, marker.exists, fresh_flags=["--b"], after=["x"])  # x did not run: b is kept
     runner.run("c", cmd, marker.exists, fresh_flags=["--c"], after=["a"])  # a ran: c starts over
     assert marker.read_text() == "--a;--c;"
+
+
+@pytest.mark.parametrize("after", [None, ["a"]])
+def test_stage_runner_redoes_a_stage_whose_input_was_redone_in_a_stopped_run(tmp_path, after):
+    import sys
+
+    from demo.run_demo import StageRunner
+
+    marker = tmp_path / "ran.txt"
+    cmd = [sys.executable, "-c", f"import sys; open(r'{marker}', 'a').write(' '.join(sys.argv[1:]) + ';')"]
+    marker.write_text("")  # both stages' outputs exist
+    runner = StageRunner(tmp_path)
+    # a was redone (finished at 5) in a run stopped before b started again; c started after that
+    runner.state["a"] = {"command": cmd[1:], "status": "done", "wall_time_s": 1.0, "started_at": 4.0,
+                         "finished_at": 5.0}
+    runner.state["b"] = {"command": cmd[1:], "status": "done", "wall_time_s": 1.0, "started_at": 3.0,
+                         "finished_at": 3.5}
+    runner.run("a", cmd, marker.exists, fresh_flags=["--a"])
+    runner.run("b", cmd, marker.exists, fresh_flags=["--b"], after=after)
+    assert marker.read_text() == "--b;"
+    b = runner.state["b"]
+    assert b["started_at"] > 5.0 and b["finished_at"] >= b["started_at"]
