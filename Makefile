@@ -41,7 +41,7 @@ demo-model: install
 	$(PY) -m demo.build_demo_model --data data/procedural32 --work_dir runs/demo_model --output_dir assets/demo_sd
 
 # The paper's ablation on the demo (random / before / MSE-only control / +contrastive / EDGE / cpi 2 / full),
-# plus EDGE at t>=500, cpi 5, best-of-4, coverage prompts and 5-caption real pairs; 5 evaluation seeds:
+# plus EDGE at t>=500, cpi 5, best-of-4, coverage prompts (MiniLM and scorer space) and 5-caption real pairs; 5 evaluation seeds:
 # outputs/ablation/ablation.md. 69 min at OMP_NUM_THREADS=1 on 2 cores beside other jobs (docs/ablation_demo.md).
 .PHONY: ablation
 ablation: install

@@ -39,7 +39,9 @@ def parse_args(argv=None):
                    help="random: N random distinct train images' captions (the paper); coverage: the captions "
                         "nearest the N k-means centres of all train captions' text features")
     g.add_argument("--coverage_text_encoder", type=str, default="minilm",
-                   help="sentence encoder for --prompt_selection coverage (evaluation's --text_encoder names)")
+                   help="caption features for --prompt_selection coverage: a sentence encoder (evaluation's "
+                        "--text_encoder names) or scorer:<scorer spec> for a scorer's text tower, e.g. "
+                        "scorer:retrieval:<folder>")
     g = p.add_argument_group("model")
     g.add_argument("--pretrained_model_name_or_path", type=str, default=None,
                    help="Folder written by edge_diffusion_train.py, or any diffusers SD model id/folder.")
@@ -115,10 +117,9 @@ def load_prompts(args) -> tuple:
     entries, ann_file, _ = read_split(args.dataset, "train", args.ann_root, args.image_root)
     features = None
     if args.prompt_selection == "coverage":
-        from utils.models.encoders import build_text_encoder
+        from utils.stages.prompt_coverage import caption_featurizer
 
-        encoder = build_text_encoder(args.coverage_text_encoder)
-        features = encoder.encode
+        features = caption_featurizer(args.coverage_text_encoder)
     drawn = draw_prompts(entries, args.num_queries, args.seed, source=f"{args.dataset} train ({ann_file})",
                          selection=args.prompt_selection, text_features=features)
     draw = ("one caption each of num_queries distinct train images, random.Random('edge-sampling-prompts:<seed>')"

@@ -46,9 +46,11 @@ VARIANTS = {
     "edge_tmin500": ["--edge_t_min", "500"],
 }
 # beyond the paper, on top of the EDGE generator: sampling flags of each set
+# ({scorer} is the EDGE scorer's folder, known once the full real row has run)
 SAMPLING_OPTIONS = {
     "edge_coverage": ["--prompt_selection", "coverage"],
-    "edge_best4": ["--best_of", "4"],  # the scorer is added where it is known
+    "edge_coverage_scorer": ["--prompt_selection", "coverage", "--coverage_text_encoder", "scorer:retrieval:{scorer}"],
+    "edge_best4": ["--best_of", "4", "--best_of_scorer", "retrieval:{scorer}"],
 }
 ROW_LABELS = {
     "random": "random real pairs",
@@ -61,6 +63,7 @@ ROW_LABELS = {
     "edge_cpi2": "EDGE, cpi 2 (retrieval captions)",
     "edge_cpi5": "EDGE, cpi 5 (retrieval captions)",
     "edge_coverage": "EDGE, prompts chosen by coverage (k-means on MiniLM features)",
+    "edge_coverage_scorer": "EDGE, prompts chosen by coverage (k-means on the scorer's text features)",
     "edge_best4": "EDGE, best of 4 candidates by the scorer",
     "full_real": "full real training set",
 }
@@ -194,7 +197,7 @@ def run_ablation(args) -> dict:
         if name not in args.rows:
             continue
         sets[name] = out / "sets" / name
-        extra = flags + (["--best_of_scorer", f"retrieval:{scorer}"] if "--best_of" in flags else [])
+        extra = [f.format(scorer=scorer) for f in flags]
         _sample(runner, args, dflags, name, models["edge"], sets[name], args.num_images, extra,
                 after=["train_edge", "eval_full_real"])
         made_by[name] = f"sample_{name}_{args.num_images}"

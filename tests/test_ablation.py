@@ -63,19 +63,19 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     # a recording runner: which stage reads which (the ablation's rows are independent of each other)
     import demo.ablation as ablation
 
-    calls = {}
+    calls, cmds = {}, {}
 
     class Recorder:
         def __init__(self, out):
             pass
 
         def run(self, name, cmd, done_check, after=None, **kw):
-            calls[name] = after
+            calls[name], cmds[name] = after, [str(c) for c in cmd]
             return 0.0
 
     monkeypatch.setattr(ablation, "StageRunner", Recorder)
     args = ablation.parse_args(["--output_dir", str(tmp_path), "--full_epochs", "1", "--rows",
-                                "random,before,mse_only,edge,edge_cpi2,edge_best4,lora_edge",
+                                "random,before,mse_only,edge,edge_cpi2,edge_best4,edge_coverage_scorer,lora_edge",
                                 "--variant", "lora_edge=--trainable lora"])
     ablation.run_ablation(args)
     assert all(after is not None for after in calls.values()), calls  # no stage falls back to "all before me"
@@ -87,6 +87,11 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     assert set(calls["eval_edge_cpi2"]) == {"data", "caption_edge_cpi2"}
     assert set(calls["sample_edge_best4_100"]) == {"data", "train_edge", "eval_full_real"}
     assert calls["eval_random"] == ["data"]
+    scorer = str(tmp_path / "scorer" / "seed_0")
+    assert cmds["sample_edge_best4_100"][-2:] == ["--best_of_scorer", f"retrieval:{scorer}"]
+    cov = cmds["sample_edge_coverage_scorer_100"]
+    assert cov[cov.index("--coverage_text_encoder") + 1] == f"scorer:retrieval:{scorer}"
+    assert set(calls["sample_edge_coverage_scorer_100"]) == {"data", "train_edge", "eval_full_real"}
 
 
 def test_stage_runner_redoes_a_stage_only_after_what_it_reads(tmp_path):

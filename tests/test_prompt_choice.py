@@ -133,3 +133,22 @@ def test_sampling_stage_keeps_the_best_candidate_and_k1_is_plain_sampling(tmp_pa
     choice = best_of.pick_best(best_of.candidate_scores(build_scorer(f"retrieval:{tmp_path / 'ret'}"), cands, texts))
     for i, r in enumerate(best.records):
         assert np.array_equal(arr(Image.open(best.folder / r["image"])), arr(cands[choice[i]][i]))
+
+
+def test_coverage_in_a_scorers_text_space(tmp_path):
+    """scorer:<spec> featurizes captions with the scorer's text tower, in chunks, equal to the scorer's own call."""
+    from utils.models.retrieval_model import build_retrieval_model, save_retrieval_model
+    from utils.models.scorers import build_scorer
+
+    model, preprocess = build_retrieval_model("open_clip:ViT-S-32", text_dim=384, pretrained=False)
+    save_retrieval_model(model, tmp_path / "ret", {"image_encoder": "open_clip:ViT-S-32", "text_encoder": "minilm",
+                                                   "text_dim": 384, "preprocess": preprocess})
+    featurize = prompt_coverage.caption_featurizer(f"scorer:retrieval:{tmp_path / 'ret'}", batch_size=3)
+    captions = [e["caption"] for e in _entries()]
+    feats = featurize(captions)
+    assert feats.shape[0] == len(captions)
+    assert torch.allclose(feats, build_scorer(f"retrieval:{tmp_path / 'ret'}").encode_text(captions).cpu(), atol=1e-5)
+    drawn = sampling_prompts.draw_prompts(_entries(), 3, seed=0, selection="coverage", text_features=featurize)
+    assert len({d["image"] for d in drawn}) == 3
+    with pytest.raises(InputError, match="retrieval model folder not found"):
+        prompt_coverage.caption_featurizer("scorer:retrieval:/does/not/exist")

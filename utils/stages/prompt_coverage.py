@@ -71,3 +71,19 @@ def _fill(chosen: list, feats: torch.Tensor, k: int) -> list:
         d[kept] = -1
         kept.append(int(d.argmax()))
     return sorted(kept)
+
+
+def caption_featurizer(name: str, batch_size: int = 256):
+    """`captions -> [n, d]` features for coverage: a text encoder name (utils.models.encoders), or
+    `scorer:<scorer spec>` for a scorer's text tower (e.g. scorer:retrieval:<folder>, whose trained head maps
+    captions into the space the scorer ranks images in)."""
+    if name.startswith("scorer:"):
+        from utils.models.scorers import build_scorer
+
+        scorer = build_scorer(name.split(":", 1)[1])
+        return lambda captions: torch.cat([scorer.encode_text(captions[s:s + batch_size]).cpu()
+                                           for s in range(0, len(captions), batch_size)])
+    from utils.models.encoders import build_text_encoder
+
+    encoder = build_text_encoder(name)
+    return lambda captions: encoder.encode(captions, batch_size=batch_size)
