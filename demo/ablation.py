@@ -28,7 +28,7 @@ import json
 import sys
 from pathlib import Path
 
-from demo.report import image_steps
+from demo.report import image_steps, still_climbing_rows
 from demo.run_demo import (TRAIN_RERUN, StageRunner, _caption_done, _full_epochs, _is_pipeline, _manifest_complete,
                            _python, _read_json, add_stage_recipes, check_data_flags, data_flags, quick_overrides,
                            run_eval)
@@ -249,6 +249,7 @@ def collect(args, info) -> dict:
         if summary:
             moved[row_label(args, name)] = {k: summary.get(k) for k in ("param_change", "pixel_change")}
     return {"retrieval": {k: v.get("summary") for k, v in rows.items() if v},
+            "still_climbing": still_climbing_rows(rows),
             "image_steps": {k: image_steps(v) for k, v in rows.items() if v},
             "prompt_following": follow, "prompt_rank": rank, "moved": moved}
 
@@ -268,6 +269,13 @@ def markdown(args, numbers: dict) -> str:
             cell = lambda m: f"{s[m]['mean']:.1f} ± {s[m]['std']:.1f}"  # noqa: E731
             L.append(f"| {label} | {numbers['image_steps'].get(k)} | {cell('r_mean')} | {cell('img_r1')} | "
                      f"{cell('txt_r1')} |")
+    climbing = numbers.get("still_climbing") or {}
+    if climbing:
+        L += ["", "Still climbing at the last evaluation (r_mean rise over the last interval, share of the final "
+              "value): " + "; ".join(f"{row_label(args, k)} +{v['mean']:.1f} ({100 * v['relative']:.0f} %)"
+                                      for k, v in climbing.items())
+              + ". Their students had not levelled off: differences between them are partly where each seed "
+              "stopped; train longer (--eval_config with more epochs)."]
     if numbers["prompt_following"]:
         L += ["", "## Prompt following per attribute", "", markdown_table(numbers["prompt_following"])]
     if numbers["prompt_rank"]:

@@ -270,7 +270,8 @@ def main(args):
     """Run the evaluation; returns the results dict (also written to <output_dir>/results.json)."""
     from accelerate import Accelerator
 
-    from evaluation.report import aggregate, append_table_row, plot_r_mean, table_row, write_results_json
+    from evaluation.report import (aggregate, append_table_row, final_rise, plot_r_mean, still_rising, table_row,
+                                   write_results_json)
     from evaluation.train_retrieval import SELECTION_LABELS
     from utils.common.atomic_io import check_output_dir
     from utils.models.encoders import build_text_encoder
@@ -302,6 +303,11 @@ def main(args):
     histories, per_seed, seed_times = _train_seeds(args, seeds, train, test, val, preprocess, cfg, accelerator,
                                                    text_encoder.dim)
     summary = aggregate([r["test"] for r in per_seed])
+    rise = final_rise(histories)
+    if still_rising(rise):
+        accelerator.print(f"warning: test r_mean still rose by {rise['mean']:.2f} ({100 * rise['relative']:.0f} % of its "
+                          f"final value) over the last {args.eval_every} epochs: the student has not levelled off; "
+                          f"the spread over seeds is partly where each seed stopped (train longer: --epochs)")
     wall = time.time() - start
     label = SELECTION_LABELS[args.selection]
     results = {
@@ -319,6 +325,7 @@ def main(args):
         "seeds": seeds,
         "per_seed": per_seed,
         "summary": summary,
+        "final_rise": rise,
         "history": {str(s): h for s, h in histories.items()},
         "wall_time_s": wall,
         "seed_wall_time_s": {str(s): t for s, t in seed_times.items()},

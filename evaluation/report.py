@@ -19,6 +19,32 @@ def aggregate(per_seed: list) -> dict:
     return out
 
 
+def final_rise(histories: dict, key: str = "r_mean") -> dict:
+    """How much the test `key` still rose over each seed's last evaluation interval.
+
+    histories: {seed: [{"epoch", "test": recalls} or {"epoch", "loss"}, ...]}. Returns {"mean", "std"} of
+    (last evaluated value - the evaluated value before it) over seeds, and "relative": mean rise / mean final
+    value; None when a seed has fewer than two evaluated epochs.
+    """
+    rises, finals = [], []
+    for history in histories.values():
+        tested = [h["test"][key] for h in history if "test" in h]
+        if len(tested) < 2:
+            return None
+        rises.append(tested[-1] - tested[-2])
+        finals.append(tested[-1])
+    if not rises:
+        return None
+    mean, std = mean_std(rises)
+    final = sum(finals) / len(finals)
+    return {"mean": mean, "std": std, "relative": mean / final if final > 0 else float("inf")}
+
+
+def still_rising(rise: dict, threshold: float = 0.1) -> bool:
+    """True when the last evaluation interval added more than `threshold` of the final value (train longer)."""
+    return rise is not None and rise["mean"] > 0 and rise["relative"] > threshold
+
+
 def format_duration(seconds: float) -> str:
     """Seconds as a short human string: 42s, 3m05s, 1h02m."""
     seconds = int(round(seconds))

@@ -117,3 +117,19 @@ def test_report_flags_a_ceiling_below_its_floor_and_prints_image_steps():
     assert weak[0].startswith("WEAK CEILING") and "23.7 ± 7.3" in weak[0] and "23.2 ± 1.1" in weak[0]
     assert image_steps({"train_set": {"n_images": 1012}, "config": {"epochs": 2}}) == "2024"
     assert image_steps({"config": {"epochs": 2}}) == "?"
+
+
+def test_report_flags_students_still_climbing_at_their_last_evaluation():
+    from demo.report import reading
+
+    def res(mean, curves):
+        return {"summary": {"r_mean": {"mean": mean, "std": 1.0}},
+                "history": {str(i): [{"epoch": 10 * (j + 1), "test": {"r_mean": v}} for j, v in enumerate(c)]
+                            for i, c in enumerate(curves)}}
+
+    rising = reading({"random_100": res(13.0, [[2.0, 12.0], [3.0, 14.0]]),
+                      "full_real": res(60.0, [[59.0, 60.0], [60.5, 60.0]])}, {}, 2)
+    flagged = [x for x in rising if x.startswith("STILL CLIMBING")]
+    assert len(flagged) == 1 and "random real pairs rose by 10.5" in flagged[0] and "full real" not in flagged[0]
+    flat = reading({"random_100": res(18.0, [[17.8, 17.9], [18.3, 18.3]])}, {}, 2)
+    assert not any(x.startswith("STILL CLIMBING") for x in flat)

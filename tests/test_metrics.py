@@ -99,3 +99,23 @@ def test_mean_std():
     m, s = mean_std([1.0, 2.0, 3.0])
     assert m == 2.0 and s == pytest.approx(1.0)
     assert mean_std([4.0]) == (4.0, 0.0)
+
+
+def _hist(*values, every=10):
+    return [{"epoch": every * (i + 1), "loss": 1.0, "test": {"r_mean": v}} for i, v in enumerate(values)] + \
+        [{"epoch": 1, "loss": 2.0}]  # an epoch without evaluation is skipped
+
+
+def test_final_rise_hand_values_and_flag():
+    from evaluation.report import final_rise, still_rising
+
+    # seed 0: 12 -> 16 (+4, final 16); seed 1: 8 -> 10 (+2, final 10): mean rise 3, std sqrt(2), 3 / 13 of the final
+    rise = final_rise({0: _hist(1.0, 12.0, 16.0), 1: _hist(2.0, 8.0, 10.0)})
+    assert rise["mean"] == pytest.approx(3.0)
+    assert rise["std"] == pytest.approx(2 ** 0.5)
+    assert rise["relative"] == pytest.approx(3 / 13)
+    assert still_rising(rise) and not still_rising(rise, threshold=0.25)
+    # levelled off (and falling) students are not flagged; one evaluation only: no rise known
+    assert not still_rising(final_rise({0: _hist(17.8, 17.9), 1: _hist(18.3, 18.3)}))
+    assert not still_rising(final_rise({0: _hist(10.0, 8.0)}))
+    assert final_rise({0: _hist(10.0)}) is None and not still_rising(None)
