@@ -107,6 +107,9 @@ def _objective_flags(a) -> None:
     a("--hard_negative_batches", action="store_true",
       help="cut each batch from one k-means cluster of the scorer's caption features (about two batches of "
            "images per cluster, reclustered every epoch), so the contrastive term's negatives are near misses")
+    a("--same_caption_positives", action="store_true",
+      help="identical captions in a batch (equal scorer text features) count as each other's matches in the "
+           "contrastive term, instead of as negatives")
     a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
       help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points, "
            "without each image's similarity to its own caption; image")

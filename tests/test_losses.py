@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from utils.method.losses import (GatheredEDGELosses, contrastive_loss, diversity_loss, mean_off_diagonal, noise_mse_loss,
-                          retrieval_top1)
+                                 retrieval_top1, same_caption_positives)
 
 # u_i, v_i already unit vectors: S = u @ v.T = [[1,0,0],[0,1,1],[1,0,0]]
 U = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])
@@ -111,3 +111,26 @@ def test_gathered_losses_leave_out_masked_rows():
     (none["contrastive"] + none["diversity"]).backward()
     assert none["contrastive"].item() == 0.0 and x.grad is not None
     assert [t.item() for t in retrieval_top1(torch.zeros(0, 3), torch.zeros(0, 3))] == [0.0, 0.0]
+
+
+def test_same_caption_positives_hand_value():
+    # V's captions 1 and 2 are identical ([0, 1]): they are each other's matches
+    pos = same_caption_positives(V)
+    assert pos.tolist() == [[True, False, False], [False, True, True], [False, True, True]]
+    e = math.exp(-10)
+    # rows of S/0.1 = [10,0,0] {0}, [0,10,10] {1,2}, [10,0,0] {1,2}: -log(softmax mass on the positives)
+    i2t = [math.log(1 + 2 * e), math.log(1 + e / 2), 10 + math.log((1 + 2 * e) / 2)]
+    # columns [10,0,10] {0}, [0,10,0] {1,2}, [0,10,0] {1,2}
+    t2i = [math.log(2 + e), math.log((1 + 2 * e) / (1 + e)), math.log((1 + 2 * e) / (1 + e))]
+    expected = (sum(i2t) / 3 + sum(t2i) / 3) / 2
+    assert contrastive_loss(U, V, 0.1, positives=pos).item() == pytest.approx(expected, rel=1e-5)
+    # the diagonal as the only positives is the plain loss; the gathered variant applies the same mask
+    assert contrastive_loss(U, V, 0.1, positives=torch.eye(3, dtype=torch.bool)).item() == \
+        pytest.approx(contrastive_loss(U, V, 0.1).item(), rel=1e-6)
+    g = GatheredEDGELosses(0.1, rank=0, world_size=1, caption_positives=True)(U, V)
+    assert g["contrastive"].item() == pytest.approx(expected, rel=1e-5)
+    # in-batch top-1: column 2's best image is 1, whose caption is identical to caption 2: a hit with positives
+    assert [t.item() for t in retrieval_top1(U, V)] == pytest.approx([2 / 3, 2 / 3])
+    assert [t.item() for t in retrieval_top1(U, V, pos)] == pytest.approx([2 / 3, 1.0])
+    # distinct captions: only the diagonal
+    assert same_caption_positives(torch.eye(4)).equal(torch.eye(4, dtype=torch.bool))

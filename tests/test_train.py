@@ -371,3 +371,24 @@ def test_hard_negative_batches_come_from_one_cluster_and_need_the_scorer(assets,
         script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--hard_negative_batches",
                                             "--lambda_contrastive", "0", "--lambda_diversity", "0",
                                             "--lambda_mse", "1")))
+
+
+def test_same_caption_positives_reach_the_contrastive_term(assets, tmp_path, monkeypatch):
+    """--same_caption_positives: the contrastive term gets the identical-caption mask of the batch's captions."""
+    import utils.method.edge_step as edge_step
+
+    seen = []
+    original = edge_step.contrastive_loss
+
+    def spy(u, v, temperature, **k):
+        seen.append((k.get("positives"), edge_step.same_caption_positives(v)))
+        return original(u, v, temperature, **k)
+
+    monkeypatch.setattr(edge_step, "contrastive_loss", spy)
+    common = ("--max_train_steps", "2", "--train_batch_size", "4", "--validation_steps", "0", "--checkpointing_steps", "0")
+    script.main(script.parse_args(_argv(assets, tmp_path / "run", *common, "--same_caption_positives")))
+    assert len(seen) == 2 and all(p is not None and p.equal(expected) and p.diagonal().all() for p, expected in seen)
+    assert _log(tmp_path / "run")[-1]["contrastive"] > 0
+    seen.clear()
+    script.main(script.parse_args(_argv(assets, tmp_path / "plain", *common)))
+    assert len(seen) == 2 and all(p is None for p, _ in seen)

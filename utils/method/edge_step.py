@@ -12,7 +12,8 @@ from dataclasses import dataclass
 import torch
 
 from utils.method.denoise import diffusion_target, predicted_x0, unrolled_x0
-from utils.method.losses import contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1
+from utils.method.losses import (contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1,
+                                 same_caption_positives)
 from utils.method.vae_latents import sample_cached_latents, vae_decode, vae_encode
 
 
@@ -31,6 +32,7 @@ class EDGELossConfig:
     edge_t_min: int = None  # EDGE terms on their own timestep range (second UNet forward); None: the MSE's draw
     edge_t_max: int = None
     x0_unroll_steps: int = 0  # >0: EDGE terms on a K-step DDIM chain from noise (denoise.unrolled_x0)
+    same_caption_positives: bool = False  # identical captions in a batch are each other's matches
 
     @property
     def separate_edge_timesteps(self) -> bool:
@@ -95,17 +97,18 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         if gatherer is not None:
             g = gatherer(u, v, keep)
             out["contrastive"], out["diversity"] = g["contrastive"], g["diversity"]
-            all_u, all_v = g["all_image"], g["all_text"]
+            all_u, all_v, positives = g["all_image"], g["all_text"], g.get("positives")
         else:
             if keep is not None:
                 keep = torch.as_tensor(keep, dtype=torch.bool, device=u.device)
                 u, v = u[keep], v[keep]
-            out["contrastive"] = contrastive_loss(u, v, cfg.temperature)
+            positives = same_caption_positives(v) if cfg.same_caption_positives else None
+            out["contrastive"] = contrastive_loss(u, v, cfg.temperature, positives=positives)
             out["diversity"] = diversity_loss(u, v, cfg.diversity_on)
             all_u, all_v = u, v
         loss = loss + cfg.lambda_contrastive * out["contrastive"] + cfg.lambda_diversity * out["diversity"]
         with torch.no_grad():
-            out["top1_i2t"], out["top1_t2i"] = retrieval_top1(all_u, all_v)
+            out["top1_i2t"], out["top1_t2i"] = retrieval_top1(all_u, all_v, positives)
             out["scored_batch"] = torch.tensor(float(all_u.shape[0]))
     out["loss"] = loss
     return out

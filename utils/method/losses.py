@@ -12,10 +12,13 @@ DIVERSITY_MODES = ("image_text", "image_text_stacked", "image")
 
 
 def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                     temperature: float = 0.1, normalized: bool = False) -> torch.Tensor:
+                     temperature: float = 0.1, normalized: bool = False, positives: torch.Tensor = None) -> torch.Tensor:
     """Symmetric InfoNCE: (CE(S/tau, arange) + CE(S.T/tau, arange)) / 2 with S = u @ v.T of normalised features.
 
     normalized: the features are L2-normalised already (the retrieval model's): used as they are.
+    positives: boolean [B, B] mask of the pairs that count as matches (the diagonal must be set; e.g.
+    `same_caption_positives`); each row's (column's) loss is then -log of the softmax mass on its positives,
+    so an image is not pushed away from another image's identical caption. None: the diagonal only.
     """
     if image_features.shape[0] == 0:
         return image_features.float().sum() * 0 + text_features.float().sum() * 0
@@ -23,8 +26,26 @@ def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
     if not normalized:
         u, v = F.normalize(u, dim=-1), F.normalize(v, dim=-1)
     logits = u @ v.T / temperature
+    if positives is not None:
+        return (_multi_positive_nce(logits, positives) + _multi_positive_nce(logits.T, positives.T)) / 2
     labels = torch.arange(logits.shape[0], device=logits.device)
     return (F.cross_entropy(logits, labels) + F.cross_entropy(logits.T, labels)) / 2
+
+
+def _multi_positive_nce(logits: torch.Tensor, positives: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of -log(sum of softmax(row) over the row's positives)."""
+    pos = logits.masked_fill(~positives.bool(), float("-inf"))
+    return (torch.logsumexp(logits, dim=1) - torch.logsumexp(pos, dim=1)).mean()
+
+
+def same_caption_positives(text_features: torch.Tensor, tol: float = 1e-6) -> torch.Tensor:
+    """[B, B] mask of caption pairs with identical features (cosine >= 1 - tol): identical captions.
+
+    Works on gathered features of all processes (no strings needed); the diagonal is always set.
+    """
+    v = F.normalize(text_features.detach().float(), dim=-1)
+    mask = (v @ v.T) >= 1 - tol
+    return mask | torch.eye(v.shape[0], dtype=torch.bool, device=v.device)
 
 
 def mean_off_diagonal(sim: torch.Tensor) -> torch.Tensor:
@@ -81,15 +102,19 @@ def noise_mse_loss(model_pred: torch.Tensor, target: torch.Tensor) -> torch.Tens
     return F.mse_loss(model_pred.float(), target.float(), reduction="mean")
 
 
-def retrieval_top1(image_features: torch.Tensor, text_features: torch.Tensor) -> tuple:
-    """In-batch top-1 accuracy image->text and text->image (the diagonal is the match); 0 for an empty batch."""
+def retrieval_top1(image_features: torch.Tensor, text_features: torch.Tensor, positives: torch.Tensor = None) -> tuple:
+    """In-batch top-1 accuracy image->text and text->image (the diagonal is the match, or any pair of the boolean
+    [B, B] `positives`); 0 for an empty batch."""
     if image_features.shape[0] == 0:
         zero = image_features.new_zeros((), dtype=torch.float32)
         return zero, zero.clone()
     sim = F.normalize(image_features.float(), dim=-1) @ F.normalize(text_features.float(), dim=-1).T
-    labels = torch.arange(sim.shape[0], device=sim.device)
-    i2t = (sim.argmax(dim=1) == labels).float().mean()
-    t2i = (sim.argmax(dim=0) == labels).float().mean()
+    n = sim.shape[0]
+    if positives is None:
+        positives = torch.eye(n, dtype=torch.bool, device=sim.device)
+    rows = torch.arange(n, device=sim.device)
+    i2t = positives[rows, sim.argmax(dim=1)].float().mean()
+    t2i = positives[sim.argmax(dim=0), rows].float().mean()
     return i2t, t2i
 
 
@@ -145,10 +170,12 @@ class GatheredEDGELosses:
     the terms equal `contrastive_loss` and `diversity_loss`.
     """
 
-    def __init__(self, temperature: float, rank: int, world_size: int, diversity_mode: str = "image_text"):
+    def __init__(self, temperature: float, rank: int, world_size: int, diversity_mode: str = "image_text",
+                 caption_positives: bool = False):
         self.temperature = temperature
         self.rank, self.world_size = rank, world_size
         self.diversity_mode = diversity_mode
+        self.caption_positives = caption_positives
 
     def gather(self, image_features, text_features):
         """Global (image, text) normalised features, every row keeping its gradient path to its process."""
@@ -159,7 +186,7 @@ class GatheredEDGELosses:
         return gather_with_grad(u), gather_with_grad(v)
 
     def __call__(self, image_features, text_features, keep=None) -> dict:
-        """{"contrastive", "diversity", "all_image", "all_text"} over the global batch.
+        """{"contrastive", "diversity", "all_image", "all_text", "positives"} over the global batch.
 
         keep: boolean mask of the local rows that enter the terms (None: all); the returned features are
         the kept rows of all processes.
@@ -168,6 +195,7 @@ class GatheredEDGELosses:
         if keep is not None:
             all_keep = keep.bool() if self.world_size == 1 else gather_mask(keep.to(image_features.device))
             all_u, all_v = all_u[all_keep], all_v[all_keep]
-        con = contrastive_loss(all_u, all_v, self.temperature)
+        positives = same_caption_positives(all_v) if self.caption_positives else None
+        con = contrastive_loss(all_u, all_v, self.temperature, positives=positives)
         div = diversity_loss(all_u, all_v, self.diversity_mode)
-        return {"contrastive": con, "diversity": div, "all_image": all_u, "all_text": all_v}
+        return {"contrastive": con, "diversity": div, "all_image": all_u, "all_text": all_v, "positives": positives}

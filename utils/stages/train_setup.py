@@ -74,6 +74,7 @@ def loss_config(args, world: int) -> EDGELossConfig:
         raise fail(f"the contrastive loss needs at least 2 captions per batch for negatives; got "
                    f"--train_batch_size {args.train_batch_size}"
                    + (f" x {world} processes" if args.gather_features else " (per process, --gather_features off)"))
+    cfg.same_caption_positives = bool(getattr(args, "same_caption_positives", False))
     if getattr(args, "hard_negative_batches", False) and not cfg.uses_scorer:
         raise fail("--hard_negative_batches clusters by the EDGE scorer: it needs --lambda_contrastive or "
                    "--lambda_diversity > 0")

@@ -73,7 +73,7 @@ def setup_training(args) -> TrainSetup:
     cfg = loss_config(args, world)
     weight_dtype = weight_dtype_of(accelerator.mixed_precision)
     models = prepare_models(args, cfg, accelerator.device, weight_dtype)
-    gatherer = (GatheredEDGELosses(cfg.temperature, rank, world, cfg.diversity_on)
+    gatherer = (GatheredEDGELosses(cfg.temperature, rank, world, cfg.diversity_on, cfg.same_caption_positives)
                 if cfg.uses_scorer and args.gather_features and world > 1 else None)
     ema_unet = build_ema(args, models.unet, accelerator.device)
     optimizer = build_optimizer(args, models.params)
