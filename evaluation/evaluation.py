@@ -305,9 +305,10 @@ def main(args):
     summary = aggregate([r["test"] for r in per_seed])
     rise = final_rise(histories)
     if still_rising(rise):
-        accelerator.print(f"warning: test r_mean still rose by {rise['mean']:.2f} ({100 * rise['relative']:.0f} % of its "
-                          f"final value) over the last {args.eval_every} epochs: the student has not levelled off; "
-                          f"the spread over seeds is partly where each seed stopped (train longer: --epochs)")
+        accelerator.print(f"warning: test r_mean still rose by {rise['mean']:.2f} ({100 * rise['relative']:.0f} % "
+                          f"of its final value) over the last {args.eval_every} epochs: the student has not "
+                          "levelled off; the spread over seeds is partly where each seed stopped (train longer: "
+                          "--epochs)")
     wall = time.time() - start
     label = SELECTION_LABELS[args.selection]
     results = {

@@ -5,8 +5,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from utils.method.losses import (GatheredEDGELosses, contrastive_loss, diversity_loss, mean_off_diagonal, noise_mse_loss,
-                                 retrieval_top1, same_caption_positives)
+from utils.method.losses import (GatheredEDGELosses, contrastive_loss, diversity_loss, mean_off_diagonal,
+                                 noise_mse_loss, retrieval_top1, same_caption_positives)
 
 # u_i, v_i already unit vectors: S = u @ v.T = [[1,0,0],[0,1,1],[1,0,0]]
 U = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 0.0]])

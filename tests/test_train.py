@@ -385,7 +385,8 @@ def test_same_caption_positives_reach_the_contrastive_term(assets, tmp_path, mon
         return original(u, v, temperature, **k)
 
     monkeypatch.setattr(edge_step, "contrastive_loss", spy)
-    common = ("--max_train_steps", "2", "--train_batch_size", "4", "--validation_steps", "0", "--checkpointing_steps", "0")
+    common = ("--max_train_steps", "2", "--train_batch_size", "4", "--validation_steps", "0",
+              "--checkpointing_steps", "0")
     script.main(script.parse_args(_argv(assets, tmp_path / "run", *common, "--same_caption_positives")))
     assert len(seen) == 2 and all(p is not None and p.equal(expected) and p.diagonal().all() for p, expected in seen)
     assert _log(tmp_path / "run")[-1]["contrastive"] > 0

@@ -11,8 +11,8 @@ import torch.nn.functional as F
 DIVERSITY_MODES = ("image_text", "image_text_stacked", "image")
 
 
-def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor,
-                     temperature: float = 0.1, normalized: bool = False, positives: torch.Tensor = None) -> torch.Tensor:
+def contrastive_loss(image_features: torch.Tensor, text_features: torch.Tensor, temperature: float = 0.1,
+                     normalized: bool = False, positives: torch.Tensor = None) -> torch.Tensor:
     """Symmetric InfoNCE: (CE(S/tau, arange) + CE(S.T/tau, arange)) / 2 with S = u @ v.T of normalised features.
 
     normalized: the features are L2-normalised already (the retrieval model's): used as they are.
