@@ -98,8 +98,8 @@ def still_climbing_rows(results: dict) -> dict:
     """{row: final_rise} of the evaluation results whose test r_mean was still rising at the last evaluation."""
     out = {}
     for k, v in results.items():
-        rise = v and (v.get("final_rise") or final_rise(v.get("history") or {}))
-        if v and still_rising(rise):
+        rise = final_rise(v.get("history") or {}) if v else None
+        if still_rising(rise):
             out[k] = rise
     return out
 

@@ -306,7 +306,7 @@ def main(args):
     rise = final_rise(histories)
     if still_rising(rise):
         accelerator.print(f"warning: test r_mean still rose by {rise['mean']:.2f} ({100 * rise['relative']:.0f} % "
-                          f"of its final value) over the last {args.eval_every} epochs: the student has not "
+                          f"of its final value) over the last {rise['epochs']} epochs: the student has not "
                           "levelled off; the spread over seeds is partly where each seed stopped (train longer: "
                           "--epochs)")
     wall = time.time() - start

@@ -23,21 +23,24 @@ def final_rise(histories: dict, key: str = "r_mean") -> dict:
     """How much the test `key` still rose over each seed's last evaluation interval.
 
     histories: {seed: [{"epoch", "test": recalls} or {"epoch", "loss"}, ...]}. Returns {"mean", "std"} of
-    (last evaluated value - the evaluated value before it) over seeds, and "relative": mean rise / mean final
-    value; None when a seed has fewer than two evaluated epochs.
+    (last evaluated value - the evaluated value before it) over seeds, "relative": mean rise / mean final
+    value, and "epochs": the length of that last interval (the largest over seeds); None when a seed has fewer
+    than two evaluated epochs.
     """
-    rises, finals = [], []
+    rises, finals, intervals = [], [], []
     for history in histories.values():
-        tested = [h["test"][key] for h in history if "test" in h]
+        tested = [h for h in history if "test" in h]
         if len(tested) < 2:
             return None
-        rises.append(tested[-1] - tested[-2])
-        finals.append(tested[-1])
+        rises.append(tested[-1]["test"][key] - tested[-2]["test"][key])
+        finals.append(tested[-1]["test"][key])
+        intervals.append(tested[-1]["epoch"] - tested[-2]["epoch"])
     if not rises:
         return None
     mean, std = mean_std(rises)
     final = sum(finals) / len(finals)
-    return {"mean": mean, "std": std, "relative": mean / final if final > 0 else float("inf")}
+    return {"mean": mean, "std": std, "relative": mean / final if final > 0 else float("inf"),
+            "epochs": max(intervals)}
 
 
 def still_rising(rise: dict, threshold: float = 0.1) -> bool:

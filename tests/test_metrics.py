@@ -114,6 +114,7 @@ def test_final_rise_hand_values_and_flag():
     assert rise["mean"] == pytest.approx(3.0)
     assert rise["std"] == pytest.approx(2 ** 0.5)
     assert rise["relative"] == pytest.approx(3 / 13)
+    assert rise["epochs"] == 10
     assert still_rising(rise) and not still_rising(rise, threshold=0.25)
     # levelled off (and falling) students are not flagged; one evaluation only: no rise known
     assert not still_rising(final_rise({0: _hist(17.8, 17.9), 1: _hist(18.3, 18.3)}))
