@@ -123,6 +123,32 @@ def read_distilled_set(folder, check_images: bool = True) -> DistilledSet:
     return DistilledSet(folder=folder, records=records, manifest=manifest)
 
 
+def real_twin_groups(dset: DistilledSet, train_groups: list) -> list:
+    """The set's real twin: each record's image replaced by the real train image its prompt was drawn from
+    (manifest prompt_source.source_images, by the record's index), its captions kept. Training on it is the
+    control that swaps only the generated images for real ones. `train_groups`: group_by_image of the
+    real train split the prompts came from (one-line error when the manifest or an image does not match)."""
+    manifest_file = dset.folder / MANIFEST_FILE
+    source = dset.manifest.get("prompt_source")
+    sources = source.get("source_images") if isinstance(source, dict) else None
+    if not isinstance(sources, list) or not sources:
+        raise fail(f"{manifest_file}: no prompt_source.source_images (the set's prompts were not drawn from a "
+                   f"data set's train captions), so it has no real twin")
+    by_image = {g["image"]: g for g in train_groups}
+    twin = []
+    for record in dset.records:
+        stem = PurePosixPath(record["image"]).stem
+        if not stem.isdigit() or int(stem) >= len(sources):
+            raise fail(f"{manifest_file}: image {record['image']} has no entry in prompt_source.source_images "
+                       f"({len(sources)} entries)")
+        real = by_image.get(sources[int(stem)])
+        if real is None:
+            raise fail(f"{manifest_file}: source image {sources[int(stem)]} of {record['image']} is not in the "
+                       f"train split given (--dataset/--ann_root must be the data the set was sampled from)")
+        twin.append({"image": real["image"], "image_id": real["image_id"], "captions": list(record["captions"])})
+    return twin
+
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 

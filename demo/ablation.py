@@ -3,7 +3,10 @@
 Rows (each a training set of --num_images images, evaluated with --seeds seeds):
   random real pairs; the generator before fine-tuning; fine-tuned with the noise MSE only (the control:
   same steps, learning rate and trainable set as EDGE); + contrastive; + contrastive + diversity (EDGE);
-  EDGE with cpi 2; the full real set (the ceiling, whose seed-0 model is the EDGE scorer).
+  EDGE with cpi 2; the full real set (the ceiling, whose seed-0 model is the EDGE scorer). A row twin_<set>
+  trains on the real images that set's prompts were drawn from, with the set's captions (evaluation
+  --real_twin): generated against real images with everything else equal (by default for the EDGE set and
+  the scorer-space coverage set).
 Every generator also draws --follow_samples prompts for prompt following (per attribute on the
 procedural set) and own-prompt rank by an independent retrieval model (seed 1's full-set model).
 Each fine-tuning run records how far its weights moved (edge_diffusion_train's run summary).
@@ -67,6 +70,10 @@ ROW_LABELS = {
     "edge_best4": "EDGE, best of 4 candidates by the scorer",
     "full_real": "full real training set",
 }
+# twin_<set row>: the real train images that set's prompts were drawn from, with the set's captions
+# (evaluation --real_twin): the control that changes only the images; run by default for these sets
+TWIN = "twin_"
+DEFAULT_TWINS = ("twin_edge", "twin_edge_coverage_scorer")
 
 
 def parse_args(argv=None):
@@ -114,15 +121,21 @@ def parse_variants(specs) -> dict:
 
 
 def selected_rows(rows, variants: dict) -> list:
-    """The rows to run, in table order: --rows (or all), plus the EDGE model that the edge_* set rows build on."""
-    known = list(ROW_LABELS)[:-1] + [v for v in variants if v not in ROW_LABELS] + ["full_real"]
+    """The rows to run, in table order: --rows (or all but the twins not in DEFAULT_TWINS), plus the sets that
+    twin_* rows and the EDGE model that edge_* rows build on."""
+    sets = {"before", *variants, *SAMPLING_OPTIONS, "edge_cpi2", "edge_cpi5"}
+    known = []
+    for row in list(ROW_LABELS)[:-1] + [v for v in variants if v not in ROW_LABELS]:
+        known += [row, TWIN + row] if row in sets else [row]  # a set's real twin right after it
+    known.append("full_real")
     if rows is None:
-        chosen = set(known)
+        chosen = {r for r in known if not r.startswith(TWIN)} | set(DEFAULT_TWINS)
     else:
         chosen = {r.strip() for r in rows.split(",") if r.strip()}
         unknown = sorted(chosen - set(known))
         if unknown:
             raise fail(f"--rows: unknown row(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    chosen |= {r[len(TWIN):] for r in chosen if r.startswith(TWIN)}
     if any(r.startswith("edge_") and r not in variants for r in chosen):
         chosen.add("edge")
     chosen.add("full_real")
@@ -133,6 +146,8 @@ def row_label(args, name: str) -> str:
     """The table label of a row: the built-in one, or the flags of a --variant."""
     if name in ROW_LABELS:
         return ROW_LABELS[name]
+    if name.startswith(TWIN):
+        return f"real images behind the prompts of: {row_label(args, name[len(TWIN):])} (same captions)"
     return f"{name}: fine-tuned with {' '.join(args.variants[name])}"
 
 
@@ -220,6 +235,9 @@ def run_ablation(args) -> dict:
     for name, folder in sets.items():
         run_eval(runner, args, dflags, name, ["--distill_dir", folder], out, results_table,
                  after=["data", made_by[name]])
+        if TWIN + name in args.rows:
+            run_eval(runner, args, dflags, TWIN + name, ["--distill_dir", folder, "--real_twin"], out,
+                     results_table, after=["data", made_by[name]])
     return {"out": out, "data_dir": None if args.data else data_dir, "models": models, "follow": follow,
             "judge": scorer_root / f"seed_{args.seed + 1}"}
 

@@ -44,14 +44,17 @@ def train_groups(args):
     from dataset.registry import read_split
 
     if args.distill_dir:
-        from dataset.distilled import caption_warnings, read_distilled_set
+        from dataset.distilled import caption_warnings, read_distilled_set, real_twin_groups
 
         ds = read_distilled_set(args.distill_dir)
         if len(ds) == 0:
             raise fail(f"distilled set {args.distill_dir} has no images")
         for line in caption_warnings(ds):
             print(f"warning: {line}", file=sys.stderr)
-        return ds.groups, Path(ds.folder)
+        if not args.real_twin:
+            return ds.groups, Path(ds.folder)
+        entries, _, image_root = read_split(args.dataset, "train", args.ann_root, args.image_root)
+        return real_twin_groups(ds, group_by_image(entries)), image_root
     entries, _, image_root = read_split(args.dataset, "train", args.ann_root, args.image_root)
     groups = group_by_image(entries)
     if args.baseline == "full":

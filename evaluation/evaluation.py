@@ -52,6 +52,10 @@ def parse_args(argv=None):
     g.add_argument("--image_root", type=str, default=None, help="image root (default: from the data set layout)")
     g = p.add_argument_group("what to train on (exactly one)")
     g.add_argument("--distill_dir", type=str, default=None, help="a distilled-set folder")
+    g.add_argument("--real_twin", action="store_true",
+                   help="with --distill_dir: train on the real train images the set's prompts were drawn from "
+                        "(its manifest's prompt_source.source_images), keeping the set's captions: the control "
+                        "that swaps only the generated images for real ones")
     g.add_argument("--lors_pt", type=str, default=None,
                    help="a LoRS .pt set (images + text embeddings of --text_encoder's kind, used as saved)")
     g.add_argument("--baseline", choices=("random", "full"), default=None,
@@ -124,6 +128,8 @@ def _validate_args(args) -> None:
     sources = [s for s in (args.distill_dir, args.lors_pt, args.baseline) if s]
     if len(sources) != 1:
         raise fail("give exactly one training source: --distill_dir, --lors_pt or --baseline {random,full}")
+    if args.real_twin and not args.distill_dir:
+        raise fail("--real_twin needs --distill_dir (the set whose prompts' real source images it trains on)")
     if args.dataset is None:
         raise fail("--dataset is required (the real test split to evaluate on)")
     if args.baseline == "random" and (args.n is None or args.n < 2):
@@ -166,7 +172,7 @@ def source_name(args) -> str:
     if args.baseline == "full":
         return "full"
     if args.distill_dir:
-        return f"distilled:{Path(args.distill_dir).resolve().name}"
+        return f"{'real-twin' if args.real_twin else 'distilled'}:{Path(args.distill_dir).resolve().name}"
     return f"lors:{Path(args.lors_pt).stem}"
 
 

@@ -165,3 +165,34 @@ def test_x0_augment_is_recorded_and_changes_training(env, tmp_path):
     saved = json.loads((tmp_path / "aug" / "results.json").read_text())
     assert saved["protocol"]["x0_augment"] is True
     assert aug["history"]["0"][0]["loss"] != plain["history"]["0"][0]["loss"]
+
+
+def test_real_twin_trains_on_the_prompts_source_images_with_the_sets_captions(env, tmp_path):
+    from dataset.karpathy import group_by_image
+    from dataset.registry import read_split
+    from evaluation.data import train_groups
+
+    entries, _, image_root = read_split("procedural", "train", str(env["data"]), None)
+    real = group_by_image(entries)
+    folder = _make_distilled(tmp_path / "set", n=3)
+    sources = [real[5]["image"], real[0]["image"], real[9]["image"]]
+    write_distilled_set(folder, [{"image": f"images/{i:06d}.png", "captions": [f"prompt {i}", f"extra {i}"]}
+                                 for i in range(3)], {"prompt_source": {"type": "dataset", "source_images": sources}})
+    twin, root = train_groups(parse_args(_argv(env, tmp_path / "o", "--distill_dir", str(folder), "--real_twin")))
+    assert Path(root) == Path(image_root)
+    assert [g["image"] for g in twin] == sources  # by the record's index, not the split's order
+    assert [g["captions"] for g in twin] == [[f"prompt {i}", f"extra {i}"] for i in range(3)]
+    res = main(parse_args(_argv(env, tmp_path / "run", "--distill_dir", str(folder), "--real_twin",
+                                "--epochs", "1")))
+    assert res["train_set"]["images"] == sources and "real-twin:set" in res["run_name"]
+    # a source image not in the split, and a set sampled from a prompts file: one-line errors naming the manifest
+    write_distilled_set(folder, [{"image": f"images/{i:06d}.png", "captions": [f"p {i}"]} for i in range(3)],
+                        {"prompt_source": {"type": "dataset", "source_images": sources[:2] + ["images/nope.png"]}})
+    with pytest.raises(InputError, match=r"manifest\.json: source image images/nope\.png of images/000002\.png"):
+        train_groups(parse_args(_argv(env, tmp_path / "o2", "--distill_dir", str(folder), "--real_twin")))
+    write_distilled_set(folder, [{"image": f"images/{i:06d}.png", "captions": [f"p {i}"]} for i in range(3)],
+                        {"prompt_source": {"type": "prompts_file", "path": "p.txt"}})
+    with pytest.raises(InputError, match="no prompt_source.source_images"):
+        train_groups(parse_args(_argv(env, tmp_path / "o3", "--distill_dir", str(folder), "--real_twin")))
+    with pytest.raises(InputError, match="--real_twin needs --distill_dir"):
+        parse_args(_argv(env, tmp_path / "o4", "--baseline", "random", "--n", "4", "--real_twin"))
