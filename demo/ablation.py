@@ -31,7 +31,7 @@ import json
 import sys
 from pathlib import Path
 
-from demo.report import image_steps, still_climbing_rows
+from demo.report import image_steps, still_climbing_note, still_climbing_rows
 from demo.run_demo import (TRAIN_RERUN, StageRunner, _caption_done, _full_epochs, _is_pipeline, _manifest_complete,
                            _python, _read_json, add_stage_recipes, check_data_flags, data_flags, quick_overrides,
                            run_eval)
@@ -289,11 +289,7 @@ def markdown(args, numbers: dict) -> str:
                      f"{cell('txt_r1')} |")
     climbing = numbers.get("still_climbing") or {}
     if climbing:
-        L += ["", "Still climbing at the last evaluation (r_mean rise over the last interval, share of the final "
-              "value): " + "; ".join(f"{row_label(args, k)} +{v['mean']:.1f} ({100 * v['relative']:.0f} %)"
-                                      for k, v in climbing.items())
-              + ". Their students had not levelled off: differences between them are partly where each seed "
-              "stopped; train longer (--eval_config with more epochs)."]
+        L += ["", still_climbing_note({row_label(args, k): v for k, v in climbing.items()})]
     if numbers["prompt_following"]:
         L += ["", "## Prompt following per attribute", "", markdown_table(numbers["prompt_following"])]
     if numbers["prompt_rank"]:

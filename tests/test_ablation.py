@@ -22,6 +22,10 @@ def test_markdown_lists_rows_with_their_noise_and_movement():
     rows = [line for line in lines if line.startswith("| ") and "±" in line]
     assert [r.split(" | ")[0][2:] for r in rows] == [ROW_LABELS[k] for k in ("random", "mse_only", "edge")]
     assert "12.0 ± 0.4" in md and "| 0.0123 | 4.50 |" in md
+    assert "STILL CLIMBING" not in md
+    numbers["still_climbing"] = {"mse_only": {"mean": 4.0, "relative": 0.44}}
+    flagged = [line for line in markdown(args, numbers).splitlines() if line.startswith("STILL CLIMBING")]
+    assert flagged == [flagged[0]] and f"{ROW_LABELS['mse_only']} rose by 4.0 r_mean (44 % of its" in flagged[0]
     # the control, the two EDGE steps and EDGE with its terms at high noise only
     assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500"}
     assert list(ROW_LABELS)[:2] == ["random", "random_cpi5"] and list(ROW_LABELS)[-1] == "full_real"
