@@ -55,6 +55,9 @@ SAMPLING_OPTIONS = {
     "edge_coverage_scorer": ["--prompt_selection", "coverage", "--coverage_text_encoder", "scorer:retrieval:{scorer}"],
     "edge_best4": ["--best_of", "4", "--best_of_scorer", "retrieval:{scorer}"],
 }
+# captioned sets: row -> (the set it captions, captions per image)
+CAPTIONED = {"edge_cpi2": ("edge", 2), "edge_cpi5": ("edge", 5),
+             "edge_coverage_scorer_cpi5": ("edge_coverage_scorer", 5)}
 ROW_LABELS = {
     "random": "random real pairs",
     "random_cpi5": "random real images, 5 real captions each (control of cpi 5)",
@@ -68,6 +71,7 @@ ROW_LABELS = {
     "edge_coverage": "EDGE, prompts chosen by coverage (k-means on MiniLM features)",
     "edge_coverage_scorer": "EDGE, prompts chosen by coverage (k-means on the scorer's text features)",
     "edge_best4": "EDGE, best of 4 candidates by the scorer",
+    "edge_coverage_scorer_cpi5": "EDGE, prompts chosen by coverage in the scorer's space, cpi 5 (retrieval captions)",
     "full_real": "full real training set",
 }
 # twin_<set row>: the real train images that set's prompts were drawn from, with the set's captions
@@ -123,7 +127,7 @@ def parse_variants(specs) -> dict:
 def selected_rows(rows, variants: dict) -> list:
     """The rows to run, in table order: --rows (or all but the twins not in DEFAULT_TWINS), plus the sets that
     twin_* rows and the EDGE model that edge_* rows build on."""
-    sets = {"before", *variants, *SAMPLING_OPTIONS, "edge_cpi2", "edge_cpi5"}
+    sets = {"before", *variants, *SAMPLING_OPTIONS, *CAPTIONED}
     known = []
     for row in list(ROW_LABELS)[:-1] + [v for v in variants if v not in ROW_LABELS]:
         known += [row, TWIN + row] if row in sets else [row]  # a set's real twin right after it
@@ -136,6 +140,7 @@ def selected_rows(rows, variants: dict) -> list:
         if unknown:
             raise fail(f"--rows: unknown row(s) {', '.join(unknown)}; known: {', '.join(known)}")
     chosen |= {r[len(TWIN):] for r in chosen if r.startswith(TWIN)}
+    chosen |= {CAPTIONED[r][0] for r in chosen if r in CAPTIONED}
     if any(r.startswith("edge_") and r not in variants for r in chosen):
         chosen.add("edge")
     chosen.add("full_real")
@@ -216,16 +221,15 @@ def run_ablation(args) -> dict:
         _sample(runner, args, dflags, name, models["edge"], sets[name], args.num_images, extra,
                 after=["train_edge", "eval_full_real"])
         made_by[name] = f"sample_{name}_{args.num_images}"
-    for cpi in (2, 5):
-        name = f"edge_cpi{cpi}"
+    for name, (source, cpi) in CAPTIONED.items():
         if name not in args.rows:
             continue
         sets[name] = out / "sets" / name
         runner.run(f"caption_{name}", _python("caption_synthesis_retrieval.py") + [
-            "--config", args.caption_config, *dflags, "--input_dir", sets["edge"], "--output_dir", sets[name],
+            "--config", args.caption_config, *dflags, "--input_dir", sets[source], "--output_dir", sets[name],
             "--cpi", cpi, "--scorer", f"retrieval:{scorer}", "--seed", args.seed],
             lambda f=sets[name]: _caption_done(f), fresh_clear=sets[name],
-            after=["data", "eval_full_real", made_by["edge"]])
+            after=["data", "eval_full_real", made_by[source]])
         made_by[name] = f"caption_{name}"
     baselines = {"random": ["--baseline", "random", "--n", args.num_images],
                  "random_cpi5": ["--baseline", "random", "--n", args.num_images, "--captions_per_image", "5"]}

@@ -47,6 +47,8 @@ def test_twin_rows_pull_in_their_set_and_run_by_default_for_edge_and_coverage():
     variants = dict(VARIANTS)
     assert selected_rows("twin_before", variants) == ["before", "twin_before", "full_real"]
     assert selected_rows("twin_edge_cpi5", variants) == ["edge", "edge_cpi5", "twin_edge_cpi5", "full_real"]
+    assert selected_rows("twin_edge_coverage_scorer_cpi5", variants) == [
+        "edge", "edge_coverage_scorer", "edge_coverage_scorer_cpi5", "twin_edge_coverage_scorer_cpi5", "full_real"]
     default = selected_rows(None, variants)
     assert [r for r in default if r.startswith("twin_")] == ["twin_edge", "twin_edge_coverage_scorer"]
     args = SimpleNamespace(variants=variants)
@@ -90,7 +92,7 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "StageRunner", Recorder)
     args = ablation.parse_args(["--output_dir", str(tmp_path), "--full_epochs", "1", "--rows",
                                 "random,before,mse_only,edge,edge_cpi2,edge_best4,edge_coverage_scorer,lora_edge,"
-                                "twin_edge_coverage_scorer",
+                                "twin_edge_coverage_scorer,edge_coverage_scorer_cpi5",
                                 "--variant", "lora_edge=--trainable lora"])
     ablation.run_ablation(args)
     assert all(after is not None for after in calls.values()), calls  # no stage falls back to "all before me"
@@ -107,6 +109,10 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     cov = cmds["sample_edge_coverage_scorer_100"]
     assert cov[cov.index("--coverage_text_encoder") + 1] == f"scorer:retrieval:{scorer}"
     assert set(calls["sample_edge_coverage_scorer_100"]) == {"data", "train_edge", "eval_full_real"}
+    assert set(calls["caption_edge_coverage_scorer_cpi5"]) == {"data", "eval_full_real",
+                                                               "sample_edge_coverage_scorer_100"}
+    cap = cmds["caption_edge_coverage_scorer_cpi5"]
+    assert cap[cap.index("--input_dir") + 1] == str(tmp_path / "sets" / "edge_coverage_scorer")
     twin = cmds["eval_twin_edge_coverage_scorer"]
     assert twin[twin.index("--distill_dir") + 1] == str(tmp_path / "sets" / "edge_coverage_scorer")
     assert "--real_twin" in twin and "eval_twin_edge" not in calls
