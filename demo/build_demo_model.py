@@ -16,6 +16,8 @@ Steps, each through the stage script a user would run by hand:
 Usage:
     python -m demo.build_demo_model --data data/procedural32 --work_dir runs/demo_model --output_dir assets/demo_sd
     python -m demo.build_demo_model --init_only --data data/procedural32 --work_dir runs/x   # step 1 only
+    python -m demo.build_demo_model --data data/procedural32 --work_dir runs/mid_model --output_dir runs/mid_sd \
+        --vae_from assets/demo_sd --pretrain_steps 1000   # a weaker generator on the shipped VAE (docs/ablation_demo.md)
 """
 import argparse
 import json
@@ -50,6 +52,9 @@ def parse_args(argv=None):
                    help="also keep all WordPiece ids below this (1996: special tokens and characters)")
     p.add_argument("--vae_steps", type=int, default=3000,
                    help="VAE steps (the recipe's 500 are the from-scratch demo's; the shipped model used 3000)")
+    p.add_argument("--vae_from", default=None,
+                   help="a pipeline folder whose trained VAE replaces step 2 (e.g. assets/demo_sd: a UNet rebuilt "
+                        "for fewer steps on the shipped VAE)")
     p.add_argument("--pretrain_steps", type=int, default=None, help="override the pre-training recipe's max_train_steps")
     p.add_argument("--continue_steps", type=int, default=0,
                    help="then continue pre-training this many steps with the same recipe (fresh optimizer, no "
@@ -57,6 +62,8 @@ def parse_args(argv=None):
     p.add_argument("--init_only", action="store_true", help="stop after step 1 (the from-scratch demo path)")
     p.add_argument("--seed", type=int, default=0)
     args = parse_args_with_recipe(p, argv)
+    if args.vae_from and not (Path(args.vae_from) / "vae" / "config.json").is_file():
+        raise fail(f"--vae_from {args.vae_from}: no vae/config.json there (a diffusers pipeline folder is needed)")
     if not 1 <= args.text_encoder_layers <= 6:
         raise fail(f"--text_encoder_layers must be 1..6 (MiniLM-L6), got {args.text_encoder_layers}")
     return args
@@ -162,6 +169,20 @@ def init_model(out_dir, data_dir, unet_channels=(64, 128, 128), text_encoder_lay
     return out_dir
 
 
+def reuse_vae(init_dir, vae_from, out_dir) -> Path:
+    """Step 2 without training: the initial model with `vae_from`'s trained VAE (in fp32), saved to `out_dir`."""
+    from diffusers import AutoencoderKL
+
+    out_dir = Path(out_dir)
+    if out_dir.exists():
+        shutil.rmtree(out_dir)
+    shutil.copytree(init_dir, out_dir)
+    shutil.rmtree(out_dir / "vae")
+    AutoencoderKL.from_pretrained(Path(vae_from) / "vae", torch_dtype=torch.float32).save_pretrained(out_dir / "vae")
+    print(f"[build] VAE of {vae_from} reused in {out_dir}")
+    return out_dir
+
+
 # ---------------------------------------------------------------- step 4: export
 
 def export_fp16(model_dir, output_dir) -> int:
@@ -226,8 +247,11 @@ def main(args) -> Path:
     vae_steps = ["--max_train_steps", args.vae_steps] if args.vae_steps else []
     pre_steps = (["--max_train_steps", args.pretrain_steps, "--checkpointing_steps", "0", "--validation_steps", "0"]
                  if args.pretrain_steps else [])
-    _run([sys.executable, "-m", "demo.pretrain_vae", "--config", args.vae_config, *data,
-          "--pretrained_model_name_or_path", init, "--output_dir", work / "vae", *vae_steps])
+    if args.vae_from:
+        reuse_vae(init, args.vae_from, work / "vae")
+    else:
+        _run([sys.executable, "-m", "demo.pretrain_vae", "--config", args.vae_config, *data,
+              "--pretrained_model_name_or_path", init, "--output_dir", work / "vae", *vae_steps])
     _run([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data,
           "--pretrained_model_name_or_path", work / "vae", "--output_dir", work / "pretrained", *pre_steps])
     final = work / "pretrained"

@@ -141,3 +141,13 @@ def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_pa
     assert pipe.unet.config.block_out_channels == [8, 16] and pipe.text_encoder.config.num_hidden_layers == 1
     assert pipe.vae.config.mid_block_add_attention is False
     assert not (tmp_path / "shipped.tmp").exists()
+    # --vae_from: the same build on that folder's VAE, no VAE training (its weights arrive unchanged)
+    rebuilt = build_main(build_args(["--data", str(data), "--work_dir", str(tmp_path / "work2"),
+                                     "--output_dir", str(tmp_path / "rebuilt"), "--unet_channels", "8", "16",
+                                     "--text_encoder_layers", "1", "--vae_from", str(out), "--pretrain_steps", "2"]))
+    assert not (tmp_path / "work2" / "vae" / "logs").exists()  # pretrain_vae did not run
+    again = load_sd_pipeline(str(rebuilt))
+    for a, b in zip(pipe.vae.state_dict().values(), again.vae.state_dict().values()):
+        assert torch.equal(a.float(), b.float())
+    with pytest.raises(InputError, match="--vae_from"):
+        build_args(["--data", str(data), "--vae_from", str(tmp_path / "nowhere")])
