@@ -19,7 +19,8 @@ def parse_args(argv=None):
     """Flags of the retrieval backend plus the shared caption flags."""
     parser, g = caption_parser(__doc__, "retrieval")
     g.add_argument("--scorer", type=str, default=DEFAULT_SCORER,
-                   help="Image-text scorer spec (utils.models.scorers): open_clip:..., hf_clip:..., retrieval:<folder>.")
+                   help="Image-text scorer spec (utils.models.scorers): open_clip:..., hf_clip:..., "
+                        "retrieval:<folder>.")
     g.add_argument("--dataset", type=str, default=None, choices=DATASETS, help="Real data set of the caption pool.")
     g.add_argument("--ann_root", type=str, default=None, help="Its annotation folder (or train JSON file).")
     g.add_argument("--image_root", type=str, default=None, help="Its image root (only for path resolution).")

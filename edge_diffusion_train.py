@@ -33,7 +33,8 @@ LR_SCHEDULERS = ("constant", "constant_with_warmup", "linear", "cosine", "cosine
 
 def build_parser() -> argparse.ArgumentParser:
     """All flags (diffusers train_text_to_image.py names where they exist)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     _data_flags(a)
     _optimisation_flags(a)
@@ -61,7 +62,8 @@ def _optimisation_flags(a) -> None:
     a("--max_train_steps", type=int, default=None, help="overrides --num_train_epochs")
     a("--gradient_accumulation_steps", type=int, default=1)
     a("--gradient_checkpointing", action="store_true",
-      help="recompute UNet (and, with the EDGE losses, VAE decoder) activations in the backward: less memory, more time")
+      help="recompute UNet (and, with the EDGE losses, VAE decoder) activations in the backward: less memory, "
+           "more time")
     a("--channels_last", action="store_true", help="UNet and VAE in channels-last memory format (faster convs on GPUs)")
     a("--compile", action="store_true", help="torch.compile the UNet and the VAE decoder (slow first steps)")
     a("--cache_latents", action="store_true",

@@ -23,8 +23,11 @@ def report(counts: dict, args) -> str:
 def _hours(args):
     """GPU-hours at --mfu, and the "fast–slow" span over --mfu_range, of a FLOP count."""
     lo, hi = sorted(args.mfu_range)
-    hours = lambda f: gpu_hours(f, args.peak_tflops, args.mfu)  # noqa: E731
-    span = lambda f: f"{_h(gpu_hours(f, args.peak_tflops, hi))}–{_h(gpu_hours(f, args.peak_tflops, lo))}"  # noqa: E731
+    def hours(f):
+        return gpu_hours(f, args.peak_tflops, args.mfu)
+
+    def span(f):
+        return f"{_h(gpu_hours(f, args.peak_tflops, hi))}–{_h(gpu_hours(f, args.peak_tflops, lo))}"
     return hours, span
 
 

@@ -138,7 +138,8 @@ def main(args):
     print(f"epoch, cached text features: {best['cached']:.2f} s (median {med['cached']:.2f}); "
           f"recomputed every step: {best['uncached']:.2f} s (median {med['uncached']:.2f})")
     print(f"cached / uncached epoch: x{ratio:.2f} (medians: x{med['cached'] / med['uncached']:.2f}); one-off caching "
-          f"of {len(captions)} captions {caching_s:.2f} s; amortized over {args.protocol_epochs} epochs: x{amortized:.2f}")
+          f"of {len(captions)} captions {caching_s:.2f} s; amortized over {args.protocol_epochs} epochs: "
+          f"x{amortized:.2f}")
     return {"cached_s": best["cached"], "uncached_s": best["uncached"], "ratio": ratio, "caching_s": caching_s,
             "amortized_ratio": amortized, "times": times}
 

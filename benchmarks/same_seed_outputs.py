@@ -102,7 +102,8 @@ def main(args) -> int:
     result["eval_random"] = evaluation(assets, work, "eval_random", "--baseline", "random", "--n", "6")
     result["eval_sampled"] = evaluation(assets, work, "eval_sampled", "--distill_dir", str(work / "sampled"))
     result["training"] = training(assets, work)
-    # Paths inside the work and assets folders differ between runs; the seed rule names a module path (prose, not output).
+    # Paths inside the work and assets folders differ between runs; the seed rule names a module path
+    # (prose, not output).
     text = json.dumps(result, indent=1, sort_keys=True).replace(str(work), "<work>").replace(args.assets, "<assets>")
     result = json.loads(text)
     Path(args.out).write_text(text)

@@ -73,7 +73,8 @@ def parse_args(argv=None):
     p.add_argument("--model", default=None, help="SD folder or hub id (default: a tiny random 128 px model)")
     p.add_argument("--scorer", default=None, help="scorer spec (default: a tiny random transformers CLIP at 56 px)")
     p.add_argument("--tiny_vae", default=None, help="AutoencoderTiny folder (default with the tiny model: a random "
-                                                     "one; with --model and no --tiny_vae the tiny variants are skipped)")
+                                                     "one; with --model and no --tiny_vae the tiny variants are "
+                                                     "skipped)")
     p.add_argument("--device", default="cpu")
     p.add_argument("--resolution", type=int, default=128)
     p.add_argument("--scorer_size", type=int, default=56, help="input size of the default tiny scorer")

@@ -302,7 +302,8 @@ def markdown(args, numbers: dict) -> str:
         L += [f"| {k} | {format_share(v)} | {v['n']} |" for k, v in numbers["prompt_rank"].items()]
     if numbers["moved"]:
         L += ["", "## How far fine-tuning moved the generator", "",
-              "| run | relative weight change of the trainable set | mean abs pixel change of validation samples (/255) |",
+              "| run | relative weight change of the trainable set "
+              "| mean abs pixel change of validation samples (/255) |",
               "|---|---|---|"]
         for k, v in numbers["moved"].items():
             pc = v.get("param_change")

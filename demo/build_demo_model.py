@@ -17,7 +17,8 @@ Usage:
     python -m demo.build_demo_model --data data/procedural32 --work_dir runs/demo_model --output_dir assets/demo_sd
     python -m demo.build_demo_model --init_only --data data/procedural32 --work_dir runs/x   # step 1 only
     python -m demo.build_demo_model --data data/procedural32 --work_dir runs/mid_model --output_dir runs/mid_sd \
-        --vae_from assets/demo_sd --pretrain_steps 1000   # a weaker generator on the shipped VAE (docs/ablation_demo.md)
+        --vae_from assets/demo_sd --pretrain_steps 1000   # a weaker generator on the shipped VAE
+                                                          # (docs/ablation_demo.md)
 """
 import argparse
 import json
@@ -55,7 +56,8 @@ def parse_args(argv=None):
     p.add_argument("--vae_from", default=None,
                    help="a pipeline folder whose trained VAE replaces step 2 (e.g. assets/demo_sd: a UNet rebuilt "
                         "for fewer steps on the shipped VAE)")
-    p.add_argument("--pretrain_steps", type=int, default=None, help="override the pre-training recipe's max_train_steps")
+    p.add_argument("--pretrain_steps", type=int, default=None,
+                   help="override the pre-training recipe's max_train_steps")
     p.add_argument("--continue_steps", type=int, default=0,
                    help="then continue pre-training this many steps with the same recipe (fresh optimizer, no "
                         "warm-up, seed + 1); 0 (the shipped model): export after the first run")

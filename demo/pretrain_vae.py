@@ -20,7 +20,8 @@ from utils.stages.train_data import add_data_flags, check_common_flags
 
 def build_parser() -> argparse.ArgumentParser:
     """The flags `utils.stages.vae_pretrain.pretrain_vae` reads (defaults as in edge_diffusion_train.py)."""
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     a = p.add_argument
     add_data_flags(a)
     a("--train_batch_size", type=int, default=16)

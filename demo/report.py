@@ -263,7 +263,8 @@ def write_report(args, info: dict) -> Path:
     L += [f"Data: {'your Karpathy data at ' + args.data if args.data else 'the built-in procedural data set'}; "
           f"distilled set of {args.num_images} images; evaluation seeds {args.seed}..{args.seed + args.seeds - 1}; "
           f"code {code_version()}; {'quick test configuration; ' if args.quick else ''}"
-          f"base model: {'shipped checkpoint assets/demo_sd' if info['used_shipped_model'] else 'built and pre-trained in this run'}.",
+          "base model: " + ("shipped checkpoint assets/demo_sd" if info["used_shipped_model"]
+                            else "built and pre-trained in this run") + ".",
           "Every number below was measured by this run; the configuration is in `demo_config.json` and each stage's "
           "command and log are in `demo_state.json` and `logs/`.", ""]
     L += ["## Samples", "", "Same prompts, same seeds: real image behind the prompt, the small SD before EDGE "

@@ -1,6 +1,7 @@
 """The whole EDGE pipeline offline, stage by stage, each through the script a user would run by hand.
 
-Stages: data -> full-real-set evaluation (its model is the scorer) -> base model (shipped checkpoint, or built from scratch) -> EDGE fine-tuning
+Stages: data -> full-real-set evaluation (its model is the scorer) -> base model (shipped checkpoint, or built
+from scratch) -> EDGE fine-tuning
 -> sampling before/after -> caption synthesis (cpi 2) -> evaluation of five training sets -> report.
 Each stage runs as a subprocess with a recipe from configs/ plus path flags; a stage is skipped on a
 rerun when its recorded command is unchanged and its own manifest says it finished.
@@ -227,7 +228,8 @@ def run_pipeline(args) -> dict:
 
     if not args.data:
         times["data"] = runner.run("data", _python("dataset.procedural") + [
-            "--config", args.data_config, "--output_dir", data_dir, "--seed", args.seed] + quick_overrides(args, "data"),
+            "--config", args.data_config, "--output_dir", data_dir, "--seed", args.seed]
+            + quick_overrides(args, "data"),
             lambda: (data_dir / "spec.json").is_file(), fresh_flags=["--overwrite"])
 
     # The full real training set is evaluated first: its first seed's model is the scorer of EDGE

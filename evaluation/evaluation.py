@@ -85,7 +85,8 @@ def parse_args(argv=None):
                         "EDGE dataset/__init__.py L91-92)")
     g.add_argument("--x0_augment", action="store_true",
                    help="also blur and noise half the training images like a one-step x0 estimate (beyond the "
-                        "paper: a scorer for EDGE that reads the estimates at high noise; see evaluation/x0_augment.py)")
+                        "paper: a scorer for EDGE that reads the estimates at high noise; see "
+                        "evaluation/x0_augment.py)")
     g.add_argument("--epochs", type=int, default=None, help="lors 100, edge 100")
     g.add_argument("--eval_every", type=int, default=None, help="lors 5, edge 5")
     g.add_argument("--batch_size_train", type=int, default=None, help="lors 128, edge 32")
@@ -322,7 +323,8 @@ def main(args):
         "config": args_to_dict(args),
         **run_info(),
         "protocol": {"name": args.protocol, "pairs": cfg.pairs, "augment": cfg.augment, "x0_augment": cfg.x0_augment,
-                     "drop_last": cfg.drop_last, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay, "lr_schedule": cfg.lr_schedule,
+                     "drop_last": cfg.drop_last, "momentum": cfg.momentum, "weight_decay": cfg.weight_decay,
+                     "lr_schedule": cfg.lr_schedule,
                      "batch_size_train": cfg.batch_size_train, "sources": settings.sources},
         "image_size": size,
         "preprocess": preprocess,

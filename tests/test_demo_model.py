@@ -133,7 +133,8 @@ def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_pa
                                  "--output_dir", str(tmp_path / "shipped"), "--unet_channels", "8", "16",
                                  "--text_encoder_layers", "1", "--vae_steps", "2", "--pretrain_steps", "2",
                                  "--continue_steps", "3"]))
-    assert json.loads((tmp_path / "work" / "pretrained" / "run_config.json").read_text())["args"]["max_train_steps"] == 2
+    pretrained = json.loads((tmp_path / "work" / "pretrained" / "run_config.json").read_text())["args"]
+    assert pretrained["max_train_steps"] == 2
     continued = json.loads((tmp_path / "work" / "continued" / "run_config.json").read_text())["args"]
     assert continued["max_train_steps"] == 3 and continued["lr_warmup_steps"] == 0
     assert continued["pretrained_model_name_or_path"] == str(tmp_path / "work" / "pretrained")

@@ -84,7 +84,8 @@ def test_training_and_evaluation_loaders_warn_about_a_tiny_image(tmp_path, monke
     monkeypatch.setattr(images, "_warned_small", False)
     Image.new("RGB", (1, 1)).save(tmp_path / "dot.png")
     (tmp_path / "train.json").write_text('[{"image": "dot.png", "caption": "a dot", "image_id": 0}]')
-    args = SimpleNamespace(epoch_unit="images", train_data_dir=None, dataset="karpathy", ann_root=str(tmp_path / "train.json"),
+    args = SimpleNamespace(epoch_unit="images", train_data_dir=None, dataset="karpathy",
+                           ann_root=str(tmp_path / "train.json"),
                            image_root=str(tmp_path), max_train_samples=None, seed=0, resolution=32)
     ds = build_train_dataset(args, transform=lambda im: im)
     ds[0]

@@ -170,7 +170,8 @@ def test_caption_dropout_leaves_dropped_items_out_of_the_edge_terms(assets, tmp_
 
 def _snapshot(folder):
     """path -> (bytes, mtime) of every file under `folder`."""
-    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns) for p in folder.rglob("*") if p.is_file()}
+    return {str(p.relative_to(folder)): (p.read_bytes(), p.stat().st_mtime_ns)
+            for p in folder.rglob("*") if p.is_file()}
 
 
 @pytest.mark.parametrize("steps,every", [(4, 2), (3, 2)])  # last checkpoint at the final step, and before it

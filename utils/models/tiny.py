@@ -138,7 +138,8 @@ def build_tiny_sd(output_dir, resolution=32, text_encoder="tiny-clip", unet_chan
     unet = UNet2DConditionModel(**tiny_unet_config(resolution // factor, latent_channels,
                                                    encoder.config.hidden_size, unet_channels))
     scheduler = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012,
-                              num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False, steps_offset=1,
+                              num_train_timesteps=1000, prediction_type=prediction_type, clip_sample=False,
+                              steps_offset=1,
                               rescale_betas_zero_snr=zero_snr,
                               timestep_spacing="trailing" if zero_snr else "leading")
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=encoder, tokenizer=tokenizer, unet=unet,

@@ -1,4 +1,5 @@
-"""Training data: the data set of --dataset/--train_data_dir, its flags, transform, epoch order, batches, step counts."""
+"""Training data: the data set of --dataset/--train_data_dir, its flags, transform, epoch order, batches,
+step counts."""
 import math
 
 import torch

@@ -201,7 +201,8 @@ def build_train_data(args, vae, cfg: EDGELossConfig, accelerator, scorer=None) -
     if drop_last and len(dataset) < args.train_batch_size * world:
         raise fail(f"the training set has {len(dataset)} {dataset_unit(dataset)}, fewer than one batch of "
                    f"{args.train_batch_size} x {world} processes")
-    sampler = (_hard_negative_sampler(args, dataset, scorer, accelerator) if getattr(args, "hard_negative_batches", False)
+    hard = getattr(args, "hard_negative_batches", False)
+    sampler = (_hard_negative_sampler(args, dataset, scorer, accelerator) if hard
                else EpochShuffleSampler(len(dataset), args.seed))
     loader = DataLoader(dataset, batch_size=args.train_batch_size, sampler=sampler,
                         collate_fn=collate_captions if latent_cache is not None else collate,
