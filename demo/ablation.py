@@ -164,8 +164,8 @@ def sampling_source(base_model, folder) -> tuple:
     return folder, []
 
 
-def _sample(runner, args, dflags, name, model, folder, n, extra=(), after=()) -> float:
-    return runner.run(f"sample_{name}_{n}", _python("edge_diffusion_sampling.py") + [
+def _sample(runner, args, dflags, name, model, folder, n, extra=(), after=(), stage="sample") -> float:
+    return runner.run(f"{stage}_{name}_{n}", _python("edge_diffusion_sampling.py") + [
         "--config", args.sample_config, *dflags, "--pretrained_model_name_or_path", model, "--num_queries", n,
         "--output_dir", folder, "--seed", args.seed, *extra] + quick_overrides(args, "sample"),
         lambda: _manifest_complete(folder), fresh_flags=["--overwrite"], after=("data", *after))
@@ -212,7 +212,8 @@ def run_ablation(args) -> dict:
         _sample(runner, args, dflags, name, model, sets[name], args.num_images, extra, after=trained)
         made_by[name] = f"sample_{name}_{args.num_images}"
         follow[name] = out / "follow" / name
-        _sample(runner, args, dflags, name, model, follow[name], args.follow_samples, extra, after=trained)
+        _sample(runner, args, dflags, name, model, follow[name], args.follow_samples, extra, after=trained,
+                stage="follow")  # its own stage name: --follow_samples may equal --num_images
     for name, flags in SAMPLING_OPTIONS.items():
         if name not in args.rows:
             continue
@@ -276,6 +277,30 @@ def collect(args, info) -> dict:
             "prompt_following": follow, "prompt_rank": rank, "moved": moved}
 
 
+def samples_grid(args, info, n_show: int = 8):
+    """samples.png: the real image behind each of the first `n_show` prompts, then every generator's sample of
+    it (the sets share prompts and per-image seeds); None when no generator row ran."""
+    from dataset.distilled import read_distilled_set
+    from dataset.images import load_image
+    from dataset.registry import resolve_split
+    from demo.report import comparison_grid
+    from utils.common.atomic_io import atomic_save_image
+
+    names = [k for k in info["follow"] if (info["out"] / "sets" / k).is_dir()]
+    if not names:
+        return None
+    sets = [read_distilled_set(info["out"] / "sets" / k) for k in names]
+    n = min(n_show, len(sets[0].records))
+    dataset, ann_root = ("karpathy", args.data) if args.data else ("procedural", info["data_dir"])
+    _, image_root = resolve_split(dataset, "train", ann_root, args.images)
+    real = [load_image(Path(image_root) / p) for p in sets[0].manifest["prompt_source"]["source_images"][:n]]
+    rows = [real] + [[load_image(d.folder / r["image"]) for r in d.records[:n]] for d in sets]
+    labels = ["real image of the prompt"] + [row_label(args, k) for k in names]
+    path = info["out"] / "samples.png"
+    atomic_save_image(path, comparison_grid(rows, labels, [r["captions"][0] for r in sets[0].records[:n]]))
+    return path
+
+
 def markdown(args, numbers: dict) -> str:
     """ablation.md: the retrieval table, prompt following, rank and weight movement, with their noise."""
     from demo.prompt_following import format_share, markdown_table
@@ -294,6 +319,9 @@ def markdown(args, numbers: dict) -> str:
     climbing = numbers.get("still_climbing") or {}
     if climbing:
         L += ["", still_climbing_note({row_label(args, k): v for k, v in climbing.items()})]
+    if numbers.get("samples"):
+        L += ["", "Samples (first row: the real image each prompt was drawn from; then each generator, same seeds):",
+              "", f"![samples]({numbers['samples']})"]
     if numbers["prompt_following"]:
         L += ["", "## Prompt following per attribute", "", markdown_table(numbers["prompt_following"])]
     if numbers["prompt_rank"]:
@@ -316,6 +344,8 @@ def main(args) -> Path:
     """Run the ablation, write ablation.md/json; returns the Markdown path."""
     info = run_ablation(args)
     numbers = collect(args, info)
+    grid = samples_grid(args, info)
+    numbers["samples"] = grid.name if grid else None
     atomic_write_json(info["out"] / "ablation.json", numbers)
     path = info["out"] / "ablation.md"
     atomic_write_text(path, markdown(args, numbers))

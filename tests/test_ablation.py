@@ -1,8 +1,10 @@
 """The ablation table: rows in the paper's order, noise printed, movement shown."""
+import json
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from PIL import Image
 
 from demo.ablation import ROW_LABELS, VARIANTS, markdown, parse_variants, row_label, sampling_source, selected_rows
 from utils.common.errors import InputError
@@ -155,3 +157,23 @@ def test_stage_runner_redoes_a_stage_whose_input_was_redone_in_a_stopped_run(tmp
     assert marker.read_text() == "--b;"
     b = runner.state["b"]
     assert b["started_at"] > 5.0 and b["finished_at"] >= b["started_at"]
+
+
+def test_quick_ablation_runs_a_set_and_its_real_twin_writes_the_grid_and_resumes(tmp_path, capsys):
+    import demo.ablation as ablation
+
+    out = tmp_path / "abl"
+    argv = ["--output_dir", str(out), "--quick", "--seeds", "2", "--num_images", "8", "--follow_samples", "8",
+            "--rows", "before,twin_before"]
+    md = ablation.main(ablation.parse_args(argv)).read_text()
+    numbers = json.loads((out / "ablation.json").read_text())
+    assert set(numbers["retrieval"]) == {"before", "twin_before", "full_real"}
+    assert f"| {row_label(SimpleNamespace(), 'twin_before')} |" in md and "![samples](samples.png)" in md
+    assert Image.open(out / "samples.png").size[0] > 8 * 32
+    twin = json.loads((out / "eval" / "twin_before" / "results.json").read_text())
+    made = json.loads((out / "sets" / "before" / "manifest.json").read_text())
+    assert twin["train_set"]["images"] == made["prompt_source"]["source_images"]  # the prompts' own real images
+    capsys.readouterr()
+    ablation.main(ablation.parse_args(argv))  # a rerun finds every stage finished
+    ran = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[demo]")]
+    assert ran and all(line.endswith("skipped") for line in ran)
