@@ -54,8 +54,8 @@ def parse_args(argv=None):
     g.add_argument("--distill_dir", type=str, default=None, help="a distilled-set folder")
     g.add_argument("--real_twin", action="store_true",
                    help="with --distill_dir: train on the real train images the set's prompts were drawn from "
-                        "(its manifest's prompt_source.source_images), keeping the set's captions: the control "
-                        "that swaps only the generated images for real ones")
+                        "(its manifest's prompt_source.source_images), keeping the set's captions (with cpi > 1 "
+                        "its synthesized ones too): the control that swaps only the generated images for real ones")
     g.add_argument("--lors_pt", type=str, default=None,
                    help="a LoRS .pt set (images + text embeddings of --text_encoder's kind, used as saved)")
     g.add_argument("--baseline", choices=("random", "full"), default=None,
