@@ -277,27 +277,23 @@ def collect(args, info) -> dict:
             "prompt_following": follow, "prompt_rank": rank, "moved": moved}
 
 
-def samples_grid(args, info, n_show: int = 8):
-    """samples.png: the real image behind each of the first `n_show` prompts, then every generator's sample of
-    it (the sets share prompts and per-image seeds); None when no generator row ran."""
+def write_samples(args, info):
+    """samples.png: the real image behind each of the first prompts, then every generator's sample of it (the
+    sets share prompts and per-image seeds); None when no generator row ran."""
     from dataset.distilled import read_distilled_set
-    from dataset.images import load_image
     from dataset.registry import resolve_split
-    from demo.report import comparison_grid
+    from demo.report import samples_grid
     from utils.common.atomic_io import atomic_save_image
 
     names = [k for k in info["follow"] if (info["out"] / "sets" / k).is_dir()]
     if not names:
         return None
-    sets = [read_distilled_set(info["out"] / "sets" / k) for k in names]
-    n = min(n_show, len(sets[0].records))
     dataset, ann_root = ("karpathy", args.data) if args.data else ("procedural", info["data_dir"])
     _, image_root = resolve_split(dataset, "train", ann_root, args.images)
-    real = [load_image(Path(image_root) / p) for p in sets[0].manifest["prompt_source"]["source_images"][:n]]
-    rows = [real] + [[load_image(d.folder / r["image"]) for r in d.records[:n]] for d in sets]
-    labels = ["real image of the prompt"] + [row_label(args, k) for k in names]
+    grid = samples_grid([read_distilled_set(info["out"] / "sets" / k) for k in names],
+                        [row_label(args, k) for k in names], image_root)
     path = info["out"] / "samples.png"
-    atomic_save_image(path, comparison_grid(rows, labels, [r["captions"][0] for r in sets[0].records[:n]]))
+    atomic_save_image(path, grid)
     return path
 
 
@@ -344,7 +340,7 @@ def main(args) -> Path:
     """Run the ablation, write ablation.md/json; returns the Markdown path."""
     info = run_ablation(args)
     numbers = collect(args, info)
-    grid = samples_grid(args, info)
+    grid = write_samples(args, info)
     numbers["samples"] = grid.name if grid else None
     atomic_write_json(info["out"] / "ablation.json", numbers)
     path = info["out"] / "ablation.md"

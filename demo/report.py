@@ -28,13 +28,23 @@ def fmt(summary: dict, key: str) -> str:
     return "–" if v is None else f"{v['mean']:.1f} ± {v['std']:.1f}"
 
 
-def comparison_grid(rows: list, labels: list, prompts: list, cell: int = 96) -> Image.Image:
-    """A grid with one row per image source (real / before / after) and one column per prompt."""
+def samples_grid(sets: list, labels: list, image_root, n_show: int = 8, cell: int = 96) -> Image.Image:
+    """A grid with one column per prompt of the first `n_show` images of `sets` (distilled sets sharing prompts
+    and per-image seeds, one row each, labelled by `labels`), under a first row of the real image each prompt
+    was drawn from (its manifest's prompt_source.source_images under `image_root`) when the set records it."""
     from utils.stages.sampled_set import labelled_grid
 
+    n = min(n_show, len(sets[0].records))
+    rows = [[load_image(d.folder / r["image"]) for r in d.records[:n]] for d in sets]
+    sources = (sets[0].manifest.get("prompt_source") or {}).get("source_images") or []
+    labels = list(labels)
+    if sources:
+        rows.insert(0, [load_image(Path(image_root) / p) for p in sources[:n]])
+        labels.insert(0, "real image of the prompt")
+    prompts = [r["captions"][0] for r in sets[0].records[:n]]
     images = [im for row in rows for im in row]
-    names = [f"{label}: {p}" for label in labels for p in prompts[:len(rows[0])]]
-    return labelled_grid(images, names, cell=cell, cols=max(len(r) for r in rows))
+    names = [f"{label}: {p}" for label in labels for p in prompts]
+    return labelled_grid(images, names, cell=cell, cols=n)
 
 
 def _load_results(folder: Path):
@@ -171,21 +181,10 @@ def reading(results: dict, follow: dict, seeds: int = 3) -> list:
 
 def _save_samples(args, info: dict, path: Path) -> None:
     """The sample grid: the real image behind each prompt (when recorded), the samples before and after EDGE."""
-    before = read_distilled_set(info["sets"] / "sd_before_edge")
-    after = read_distilled_set(info["sets"] / "edge_cpi2")
-    n_show = min(8, len(before.records))
-    # real images behind the same prompts (recorded by the sampling stage)
-    source = before.manifest.get("prompt_source", {})
     dataset = "karpathy" if args.data else "procedural"
-    ann_root = args.data or info["data_dir"]
-    _, image_root = resolve_split(dataset, "train", ann_root, args.images)
-    real = [load_image(Path(image_root) / p) for p in source.get("source_images", [])[:n_show]]
-    rows = [[load_image(before.folder / r["image"]) for r in before.records[:n_show]],
-            [load_image(after.folder / r["image"]) for r in after.records[:n_show]]]
-    labels = ["small SD, before EDGE", "after EDGE fine-tuning"]
-    if real:
-        rows, labels = [real] + rows, ["real image of the prompt"] + labels
-    grid = comparison_grid(rows, labels, [r["captions"][0] for r in before.records[:n_show]])
+    _, image_root = resolve_split(dataset, "train", args.data or info["data_dir"], args.images)
+    sets = [read_distilled_set(info["sets"] / "sd_before_edge"), read_distilled_set(info["sets"] / "edge_cpi2")]
+    grid = samples_grid(sets, ["small SD, before EDGE", "after EDGE fine-tuning"], image_root)
     atomic_save_image(path, grid)
 
 

@@ -53,10 +53,10 @@ def train_groups(args):
             print(f"warning: {line}", file=sys.stderr)
         if not args.real_twin:
             return ds.groups, Path(ds.folder)
-        entries, _, image_root = read_split(args.dataset, "train", args.ann_root, args.image_root)
-        return real_twin_groups(ds, group_by_image(entries)), image_root
     entries, _, image_root = read_split(args.dataset, "train", args.ann_root, args.image_root)
     groups = group_by_image(entries)
+    if args.real_twin:
+        return real_twin_groups(ds, groups), image_root
     if args.baseline == "full":
         return groups, image_root
     if args.n > len(groups):
