@@ -91,7 +91,8 @@ def _optimisation_flags(a) -> None:
 def _objective_flags(a) -> None:
     """The EDGE objective: scorer, loss weights, timesteps, decode for the scorer."""
     a("--scorer", default="open_clip:ViT-B-32/openai",
-      help="open_clip:<model>/<tag or file> | hf_clip:<id or folder> | retrieval:<folder>")
+      help="open_clip:<model>/<tag or file> | hf_clip:<id or folder> | retrieval:<folder>; "
+           "several joined by + are an ensemble (mean cosine of the members)")
     a("--lambda_contrastive", type=float, default=1.0)
     a("--lambda_diversity", type=float, default=1.0)
     a("--lambda_mse", type=float, default=0.0, help="weight of the plain diffusion loss (0 in the paper)")

@@ -14,7 +14,9 @@ def test_markdown_lists_rows_with_their_noise_and_movement():
     s = lambda m, sd: {k: {"mean": m, "std": sd} for k in ("r_mean", "img_r1", "txt_r1")}  # noqa: E731
     numbers = {"retrieval": {"random": s(10.0, 0.5), "mse_only": s(9.0, 1.0), "edge": s(12.0, 0.4)},
                "image_steps": {"random": 3000, "mse_only": 3000, "edge": 3000},
-               "prompt_following": {}, "prompt_rank": {},
+               "prompt_following": {}, "prompt_rank": {"real test images": {"share": 75.0, "lo": 70.0, "hi": 79.0,
+                                                                             "n": 300}},
+               "scorer_rank": {"real test images": {"share": 77.3, "lo": 72.3, "hi": 81.7, "n": 300}},
                "moved": {ROW_LABELS["edge"]: {"param_change": 0.0123, "pixel_change": 4.5}}}
     args = SimpleNamespace(base_model="assets/demo_sd", edge_config="configs/demo_edge.yaml", edge_flags="",
                            num_images=100, seeds=5, seed=0, follow_samples=300, rows=list(ROW_LABELS),
@@ -24,12 +26,13 @@ def test_markdown_lists_rows_with_their_noise_and_movement():
     rows = [line for line in lines if line.startswith("| ") and "±" in line]
     assert [r.split(" | ")[0][2:] for r in rows] == [ROW_LABELS[k] for k in ("random", "mse_only", "edge")]
     assert "12.0 ± 0.4" in md and "| 0.0123 | 4.50 |" in md
+    assert "| real test images | 75.0 [70.0, 79.0] | 77.3 [72.3, 81.7] | 300 |" in md
     assert "STILL CLIMBING" not in md
     numbers["still_climbing"] = {"mse_only": {"mean": 4.0, "relative": 0.44}}
     flagged = [line for line in markdown(args, numbers).splitlines() if line.startswith("STILL CLIMBING")]
     assert flagged == [flagged[0]] and f"{ROW_LABELS['mse_only']} rose by 4.0 r_mean (44 % of its" in flagged[0]
-    # the control, the two EDGE steps and EDGE with its terms at high noise only
-    assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500"}
+    # the control, the two EDGE steps, EDGE with its terms at high noise only and with an ensemble scorer
+    assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500", "edge_ensemble"}
     assert list(ROW_LABELS)[:2] == ["random", "random_cpi5"] and list(ROW_LABELS)[-1] == "full_real"
 
 
@@ -94,7 +97,7 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "StageRunner", Recorder)
     args = ablation.parse_args(["--output_dir", str(tmp_path), "--full_epochs", "1", "--rows",
                                 "random,before,mse_only,edge,edge_cpi2,edge_best4,edge_coverage_scorer,lora_edge,"
-                                "twin_edge_coverage_scorer,edge_coverage_scorer_cpi5",
+                                "twin_edge_coverage_scorer,edge_coverage_scorer_cpi5,edge_ensemble",
                                 "--variant", "lora_edge=--trainable lora"])
     ablation.run_ablation(args)
     assert all(after is not None for after in calls.values()), calls  # no stage falls back to "all before me"
@@ -119,6 +122,11 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     assert twin[twin.index("--distill_dir") + 1] == str(tmp_path / "sets" / "edge_coverage_scorer")
     assert "--real_twin" in twin and "eval_twin_edge" not in calls
     assert set(calls["eval_twin_edge_coverage_scorer"]) == {"data", "sample_edge_coverage_scorer_100"}
+    ens = cmds["train_edge_ensemble"]  # the last --scorer wins: every seed's full-set model but the judge's
+    members = [str(tmp_path / "scorer" / f"seed_{s}") for s in (0, 2, 3, 4)]
+    assert ens[len(ens) - 1 - ens[::-1].index("--scorer") + 1] == "+".join(f"retrieval:{m}" for m in members)
+    with pytest.raises(InputError, match="--seeds 3 or more"):
+        ablation.parse_args(["--output_dir", str(tmp_path), "--seeds", "2", "--rows", "edge_ensemble"])
 
 
 def test_stage_runner_redoes_a_stage_only_after_what_it_reads(tmp_path):

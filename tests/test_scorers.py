@@ -74,3 +74,31 @@ def test_bad_specs(spec):
 def test_offline_pretrained_tag_is_a_clear_error():
     with pytest.raises(InputError, match="could not load open_clip weights"):
         build_scorer("open_clip:ViT-S-32/datacomp_m_s128m_b4k")
+
+
+def test_ensemble_similarity_is_the_mean_of_member_cosines(tiny_clip, tmp_path):
+    from utils.models.retrieval_model import build_retrieval_model, save_retrieval_model
+    from utils.models.scorers import EnsembleScorer
+
+    model, preprocess = build_retrieval_model("open_clip:ViT-S-32", text_dim=384, pretrained=False)
+    save_retrieval_model(model, tmp_path / "ret", {"image_encoder": "open_clip:ViT-S-32", "text_encoder": "minilm",
+                                                   "text_dim": 384, "preprocess": preprocess})
+    a, b = build_scorer(f"hf_clip:{tiny_clip}"), build_scorer(f"retrieval:{tmp_path / 'ret'}")
+    both = build_scorer(f"hf_clip:{tiny_clip}+retrieval:{tmp_path / 'ret'}")
+    assert isinstance(both, EnsembleScorer) and both.image_size == (224, 224)  # the larger member's input
+    pixels = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    u = both.encode_image(pixels)
+    assert torch.allclose(u.norm(dim=-1), torch.ones(2), atol=1e-5)
+    u[:, 0].sum().backward()
+    assert pixels.grad.abs().sum() > 0
+    assert not any(p.requires_grad for m in both.modules() for p in m.parameters())
+    pixels = pixels.detach()
+    captions = ["a red circle", "a blue square", "a green star"]
+    expected = (a.encode_image(pixels) @ a.encode_text(captions).T + b.encode_image(pixels) @ b.encode_text(captions).T) / 2
+    assert torch.allclose(both.encode_image(pixels) @ both.encode_text(captions).T, expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("spec", ["retrieval:/x+", "+retrieval:/x", "retrieval:/does/not/exist+hf_clip:/nope"])
+def test_bad_ensemble_specs(spec):
+    with pytest.raises(InputError):
+        build_scorer(spec)

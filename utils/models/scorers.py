@@ -9,6 +9,7 @@ Specs for `build_scorer`:
   open_clip:ViT-B-32               random init (tests only)
   hf_clip:<hub id or folder>       transformers CLIPModel (+ its tokenizer and image processor)
   retrieval:<folder>               a retrieval model saved by evaluation/ (image encoder + text head)
+  <spec>+<spec>[+...]              an ensemble: the image-text similarity is the mean of the members' cosines
 """
 from pathlib import Path
 
@@ -197,11 +198,49 @@ def _size_mean_std(preprocess: dict):
     return size, tuple(preprocess.get("mean", OPENAI_CLIP_MEAN)), tuple(preprocess.get("std", OPENAI_CLIP_STD))
 
 
+class EnsembleScorer(Scorer):
+    """Several scorers as one: features are the members' normalised features side by side, scaled by 1/sqrt(K).
+
+    The dot product of two such vectors is the mean of the members' cosine similarities, so every loss and
+    metric written for one scorer (contrastive, diversity, in-batch top-1, ranking) reads the ensemble's mean
+    similarity unchanged. Sample features that fit one member's idiosyncrasies move the mean by 1/K only.
+    """
+
+    def __init__(self, members: list):
+        super().__init__(members[0].device, members[0].dtype)
+        self.members = members
+        self.image_size = max((tuple(m.image_size) for m in members), key=lambda s: s[0] * s[1])
+
+    def modules(self):
+        return [mod for m in self.members for mod in m.modules()]
+
+    def freeze_and_move(self):
+        for m in self.members:
+            m.freeze_and_move()
+        return self
+
+    def _join(self, feats: list) -> torch.Tensor:
+        return torch.cat([f.float() for f in feats], dim=-1) / len(feats) ** 0.5
+
+    def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
+        return self._join([m.encode_image(pixels) for m in self.members])
+
+    @torch.no_grad()
+    def encode_text(self, captions) -> torch.Tensor:
+        captions = list(captions)
+        return self._join([m.encode_text(captions).to(self.device) for m in self.members])
+
+
 SCORER_KINDS = ("open_clip", "hf_clip", "retrieval")
 
 
 def build_scorer(spec: str, device="cpu", dtype=torch.float32) -> Scorer:
-    """Build a frozen scorer from a spec string (see the module docstring)."""
+    """Build a frozen scorer from a spec string (see the module docstring); '+' joins specs into an ensemble."""
+    if "+" in str(spec):
+        parts = [s.strip() for s in str(spec).split("+")]
+        if any(not s for s in parts):
+            raise fail(f"bad scorer spec '{spec}': an ensemble is <spec>+<spec>[+...] with no empty member")
+        return EnsembleScorer([build_scorer(s, device, dtype) for s in parts])
     kind, sep, rest = str(spec).partition(":")
     if not sep or not rest or kind not in SCORER_KINDS:
         raise fail(f"bad scorer spec '{spec}': expected one of "
