@@ -113,6 +113,9 @@ def _objective_flags(a) -> None:
     a("--same_caption_positives", action="store_true",
       help="identical captions in a batch (equal scorer text features) count as each other's matches in the "
            "contrastive term, instead of as negatives")
+    a("--scorer_shift", type=float, default=0.0,
+      help="the scorer reads each decoded x0 estimate translated by a random offset of up to this share of its "
+           "side (edges repeated; differentiable augmentation against fitting the one scorer's pixel quirks)")
     a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
       help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points, "
            "without each image's similarity to its own caption; image")

@@ -48,6 +48,7 @@ VARIANTS = {
     "edge": [],
     "edge_tmin500": ["--edge_t_min", "500"],
     "edge_ensemble": ["--scorer", "{ensemble}"],
+    "edge_shift": ["--scorer_shift", "0.0625"],
 }
 # beyond the paper, on top of the EDGE generator: sampling flags of each set
 # ({scorer} is the EDGE scorer's folder, known once the full real row has run)
@@ -68,6 +69,7 @@ ROW_LABELS = {
     "edge": "EDGE (MSE + contrastive + diversity)",
     "edge_tmin500": "EDGE, contrastive/diversity at t >= 500 only",
     "edge_ensemble": "EDGE, scorer = ensemble of the full-set models of every seed but the judge's",
+    "edge_shift": "EDGE, the scorer reads each image at a random shift of up to 1/16 of its side",
     "edge_cpi2": "EDGE, cpi 2 (retrieval captions)",
     "edge_cpi5": "EDGE, cpi 5 (retrieval captions)",
     "edge_coverage": "EDGE, prompts chosen by coverage (k-means on MiniLM features)",

@@ -31,8 +31,9 @@ def test_markdown_lists_rows_with_their_noise_and_movement():
     numbers["still_climbing"] = {"mse_only": {"mean": 4.0, "relative": 0.44}}
     flagged = [line for line in markdown(args, numbers).splitlines() if line.startswith("STILL CLIMBING")]
     assert flagged == [flagged[0]] and f"{ROW_LABELS['mse_only']} rose by 4.0 r_mean (44 % of its" in flagged[0]
-    # the control, the two EDGE steps, EDGE with its terms at high noise only and with an ensemble scorer
-    assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500", "edge_ensemble"}
+    # the control, the two EDGE steps, EDGE with its terms at high noise only, with an ensemble scorer and with
+    # shifted scorer inputs
+    assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500", "edge_ensemble", "edge_shift"}
     assert list(ROW_LABELS)[:2] == ["random", "random_cpi5"] and list(ROW_LABELS)[-1] == "full_real"
 
 

@@ -290,3 +290,15 @@ def test_train_with_compile_runs(models, data, tmp_path):
     out = tmp_path / "compiled"
     script.main(script.parse_args(_argv(models, data, out, "--max_train_steps", "2", "--compile")))
     assert len(_log(out)) == 2 and (out / "model_index.json").is_file()
+
+
+def test_scorer_shift_changes_what_the_scorer_reads_and_nothing_else(models):
+    c = models["comps"]
+    run = lambda **kw: edge_losses(c.unet, c.vae, c.noise_scheduler, models["scorer"], models["pixels"],  # noqa: E731
+                                   models["captions"], models["hidden"], _cfg(c, lambda_mse=0.5, **kw),
+                                   torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        plain, zero, shifted = run(), run(scorer_shift=0.0), run(scorer_shift=0.25)
+    assert all(torch.equal(plain[k], zero[k]) for k in plain)
+    assert torch.equal(plain["mse"], shifted["mse"])
+    assert not torch.allclose(plain["contrastive"], shifted["contrastive"])

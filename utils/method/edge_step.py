@@ -5,6 +5,7 @@
    with --x0_unroll_steps K they use the x0 of a K-step DDIM chain from pure noise instead, as sampling makes it)
   pred = unet(zt, t, text_encoder(caption))                 (the noised latent, not z0)
   x0^ = predicted_x0(pred, zt, t);  img^ = vae.decode(x0^ / scaling_factor)   (with gradients)
+  (with --scorer_shift s the scorer reads img^ translated by a random offset of up to s x its side)
   L = lambda_C * contrastive(scorer(img^), scorer(caption)) + lambda_D * diversity(...) + lambda_mse * MSE
 """
 from dataclasses import dataclass
@@ -14,6 +15,7 @@ import torch
 from utils.method.denoise import diffusion_target, predicted_x0, unrolled_x0
 from utils.method.losses import (contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1,
                                  same_caption_positives)
+from utils.method.scorer_shift import random_shift
 from utils.method.vae_latents import sample_cached_latents, vae_decode, vae_encode
 
 
@@ -33,6 +35,7 @@ class EDGELossConfig:
     edge_t_max: int = None
     x0_unroll_steps: int = 0  # >0: EDGE terms on a K-step DDIM chain from noise (denoise.unrolled_x0)
     same_caption_positives: bool = False  # identical captions in a batch are each other's matches
+    scorer_shift: float = 0.0  # >0: the scorer reads each image at a random offset up to this share of the side
 
     @property
     def separate_edge_timesteps(self) -> bool:
@@ -92,7 +95,7 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
                 model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
             x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
         images = (decoder or (lambda z: vae_decode(vae, z)))(x0.to(weight_dtype))
-        u = scorer.encode_image(images)
+        u = scorer.encode_image(random_shift(images, cfg.scorer_shift, generator))
         v = scorer.encode_text(captions).to(u.device)
         if gatherer is not None:
             g = gatherer(u, v, keep)

@@ -75,6 +75,9 @@ def loss_config(args, world: int) -> EDGELossConfig:
                    f"--train_batch_size {args.train_batch_size}"
                    + (f" x {world} processes" if args.gather_features else " (per process, --gather_features off)"))
     cfg.same_caption_positives = bool(getattr(args, "same_caption_positives", False))
+    cfg.scorer_shift = float(getattr(args, "scorer_shift", 0.0) or 0.0)
+    if not 0 <= cfg.scorer_shift < 0.5:
+        raise fail(f"--scorer_shift is a share of the image side in [0, 0.5), got {cfg.scorer_shift}")
     if getattr(args, "hard_negative_batches", False) and not cfg.uses_scorer:
         raise fail("--hard_negative_batches clusters by the EDGE scorer: it needs --lambda_contrastive or "
                    "--lambda_diversity > 0")
