@@ -41,8 +41,9 @@ demo-model: install
 	$(PY) -m demo.build_demo_model --data data/procedural32 --work_dir runs/demo_model --output_dir assets/demo_sd
 
 # The paper's ablation on the demo (random / before / MSE-only control / +contrastive / EDGE / cpi 2 / full),
-# plus EDGE at t>=500, cpi 5, best-of-4, coverage prompts (MiniLM and scorer space, and the latter with cpi 5),
-# 5-caption real pairs and the real twins of the EDGE and coverage sets; 5 evaluation seeds:
+# plus EDGE at t>=500, with an ensemble scorer and with shifted scorer inputs, cpi 5, best-of-4, coverage prompts
+# (MiniLM and scorer space, and the latter with cpi 5), 5-caption real pairs and the real twins of the EDGE and
+# coverage sets; 5 evaluation seeds:
 # outputs/ablation/ablation.md. Students train for the protocol's 100 epochs (configs/ablation_eval.yaml; at the
 # demo's 30 a 100-image student is still climbing). Wall time: docs/ablation_demo.md.
 .PHONY: ablation
