@@ -251,14 +251,23 @@ def run_ablation(args) -> dict:
     for name, inputs in baselines.items():
         if name in args.rows:
             run_eval(runner, args, dflags, name, inputs, out, results_table, after=["data"])
+    # every generator row samples the same prompts (same seed, plain selection): their twins are one real set,
+    # evaluated once and read by each of those rows
+    same_prompts, aliases = {"before", *args.variants}, {}
     for name, folder in sets.items():
         run_eval(runner, args, dflags, name, ["--distill_dir", folder], out, results_table,
                  after=["data", made_by[name]])
-        if TWIN + name in args.rows:
-            run_eval(runner, args, dflags, TWIN + name, ["--distill_dir", folder, "--real_twin"], out,
-                     results_table, after=["data", made_by[name]])
+        if TWIN + name not in args.rows:
+            continue
+        shared = next((a for a in aliases.values() if a[len(TWIN):] in same_prompts), None)
+        if name in same_prompts and shared:
+            aliases[TWIN + name] = shared
+            continue
+        run_eval(runner, args, dflags, TWIN + name, ["--distill_dir", folder, "--real_twin"], out,
+                 results_table, after=["data", made_by[name]])
+        aliases[TWIN + name] = TWIN + name
     return {"out": out, "data_dir": None if args.data else data_dir, "models": models, "follow": follow,
-            "judge": scorer_root / f"seed_{args.seed + 1}", "scorer": scorer}
+            "judge": scorer_root / f"seed_{args.seed + 1}", "scorer": scorer, "evaluated_as": aliases}
 
 
 def collect(args, info) -> dict:
@@ -267,7 +276,8 @@ def collect(args, info) -> dict:
     from demo.prompt_rank import measure_prompt_rank, real_test_items
 
     out = info["out"]
-    rows = {k: _read_json(out / "eval" / k / "results.json") for k in args.rows}
+    evaluated_as = info.get("evaluated_as", {})
+    rows = {k: _read_json(out / "eval" / evaluated_as.get(k, k) / "results.json") for k in args.rows}
     labels = {name: row_label(args, name) for name in info["follow"]}
     follow = {}
     if info["data_dir"]:

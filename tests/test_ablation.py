@@ -123,6 +123,13 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     assert twin[twin.index("--distill_dir") + 1] == str(tmp_path / "sets" / "edge_coverage_scorer")
     assert "--real_twin" in twin and "eval_twin_edge" not in calls
     assert set(calls["eval_twin_edge_coverage_scorer"]) == {"data", "sample_edge_coverage_scorer_100"}
+    calls.clear()
+    twins = ablation.parse_args(["--output_dir", str(tmp_path), "--full_epochs", "1",
+                                 "--rows", "twin_before,twin_edge,twin_edge_coverage"])
+    info = ablation.run_ablation(twins)  # before and EDGE sample the same prompts: one real twin, evaluated once
+    assert "eval_twin_before" in calls and "eval_twin_edge" not in calls and "eval_twin_edge_coverage" in calls
+    assert info["evaluated_as"] == {"twin_before": "twin_before", "twin_edge": "twin_before",
+                                    "twin_edge_coverage": "twin_edge_coverage"}
     ens = cmds["train_edge_ensemble"]  # the last --scorer wins: every seed's full-set model but the judge's
     members = [str(tmp_path / "scorer" / f"seed_{s}") for s in (0, 2, 3, 4)]
     assert ens[len(ens) - 1 - ens[::-1].index("--scorer") + 1] == "+".join(f"retrieval:{m}" for m in members)
