@@ -326,7 +326,7 @@ def write_samples(args, info):
 
 def markdown(args, numbers: dict) -> str:
     """ablation.md: the retrieval table, prompt following, rank and weight movement, with their noise."""
-    from demo.prompt_following import format_share, markdown_table
+    from demo.prompt_following import format_share, markdown_table, misread_lines
 
     L = ["# Ablation of the EDGE terms", "",
          f"Base generator {args.base_model}; fine-tuning recipe {args.edge_config} {args.edge_flags}; "
@@ -347,6 +347,9 @@ def markdown(args, numbers: dict) -> str:
               "", f"![samples]({numbers['samples']})"]
     if numbers["prompt_following"]:
         L += ["", "## Prompt following per attribute", "", markdown_table(numbers["prompt_following"])]
+        misread = misread_lines(numbers["prompt_following"])
+        if misread:
+            L += ["", "Most frequent misreadings (named -> read by the attribute classifier, count):", "", *misread]
     if numbers["prompt_rank"]:
         by_scorer = numbers.get("scorer_rank") or {}
         L += ["", "## Own prompt ranked first among 100", "",

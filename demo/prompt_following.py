@@ -145,7 +145,32 @@ def agreement(predicted: dict, named: dict, chance: dict = None) -> dict:
         all_right = ok if all_right is None else all_right & ok
         scored_any = scored if scored_any is None else scored_any | scored
     out["all"] = share(all_right[scored_any]) if named else share([])
+    out["misread"] = misreadings(predicted, named)
     return out
+
+
+def misreadings(predicted: dict, named: dict) -> dict:
+    """{attribute: {"named -> read": count}} of the scored items read as another value, most frequent first."""
+    out = {}
+    for k, names in named.items():
+        counts = {}
+        for p, v in zip(predicted[k], names):
+            if v is not None and p != v:
+                counts[f"{v} -> {p}"] = counts.get(f"{v} -> {p}", 0) + 1
+        if counts:
+            out[k] = dict(sorted(counts.items(), key=lambda kv: (-kv[1], kv[0])))
+    return out
+
+
+def misread_lines(rows: dict, top: int = 3) -> list:
+    """Markdown bullets: per row, its `top` most frequent misreadings over all attributes (rows with none: left out)."""
+    lines = []
+    for name, r in rows.items():
+        pairs = [(n, f"{k} {m}") for k, c in (r.get("misread") or {}).items() for m, n in c.items()]
+        pairs.sort(key=lambda x: -x[0])
+        if pairs:
+            lines.append(f"- {name}: " + ", ".join(f"{m} ({n})" for n, m in pairs[:top]))
+    return lines
 
 
 def prompt_following(model, spec, images, prompts) -> dict:

@@ -5,8 +5,8 @@ import pytest
 
 from dataset.images import load_image
 from dataset.procedural import ProceduralSpec, generate_procedural_dataset
-from demo.prompt_following import (agreement, markdown_table, prompt_following, share, single_object_labels,
-                                   train_attribute_classifier, wilson_interval)
+from demo.prompt_following import (agreement, markdown_table, misread_lines, prompt_following, share,
+                                   single_object_labels, train_attribute_classifier, wilson_interval)
 
 
 def test_wilson_interval_by_hand():
@@ -32,6 +32,10 @@ def test_agreement_by_hand():
     assert r["all"]["k"] == 1 and r["all"]["n"] == 4  # only item 0 has every named attribute right
     assert r["colour"]["chance"] == pytest.approx(100 / 6)
     assert share([])["n"] == 0 and math.isnan(share([])["share"])
+    assert r["misread"] == {"colour": {"red -> blue": 1}, "shape": {"circle -> square": 1, "circle -> star": 1},
+                            "background": {"beige -> white": 1}}
+    assert misread_lines({"samples": r, "real": {"misread": {}}}, top=2) == [
+        "- samples: colour red -> blue (1), shape circle -> square (1)"]
     table = markdown_table({"samples": r})
     assert "| samples | 75.0 [" in table and "| chance | 16.7 | 20.0 |" in table
 
