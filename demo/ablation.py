@@ -253,19 +253,20 @@ def run_ablation(args) -> dict:
             run_eval(runner, args, dflags, name, inputs, out, results_table, after=["data"])
     # every generator row samples the same prompts (same seed, plain selection): their twins are one real set,
     # evaluated once and read by each of those rows
-    same_prompts, aliases = {"before", *args.variants}, {}
+    same_prompts, shared_twin, aliases = {"before", *args.variants}, None, {}
     for name, folder in sets.items():
         run_eval(runner, args, dflags, name, ["--distill_dir", folder], out, results_table,
                  after=["data", made_by[name]])
         if TWIN + name not in args.rows:
             continue
-        shared = next((a for a in aliases.values() if a[len(TWIN):] in same_prompts), None)
-        if name in same_prompts and shared:
-            aliases[TWIN + name] = shared
+        if name in same_prompts and shared_twin:
+            aliases[TWIN + name] = shared_twin
             continue
         run_eval(runner, args, dflags, TWIN + name, ["--distill_dir", folder, "--real_twin"], out,
                  results_table, after=["data", made_by[name]])
         aliases[TWIN + name] = TWIN + name
+        if name in same_prompts:
+            shared_twin = TWIN + name
     return {"out": out, "data_dir": None if args.data else data_dir, "models": models, "follow": follow,
             "judge": scorer_root / f"seed_{args.seed + 1}", "scorer": scorer, "evaluated_as": aliases}
 
