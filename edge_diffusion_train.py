@@ -116,6 +116,10 @@ def _objective_flags(a) -> None:
     a("--scorer_shift", type=float, default=0.0,
       help="the scorer reads each decoded x0 estimate translated by a random offset of up to this share of its "
            "side (edges repeated; differentiable augmentation against fitting the one scorer's pixel quirks)")
+    a("--edge_guidance_scale", type=float, default=1.0,
+      help="w != 1: the EDGE terms score the classifier-free guided prediction uncond + w * (cond - uncond) (an "
+           "extra UNet forward on the empty caption), as sampling at that guidance scale draws; 1: the "
+           "conditional prediction only (the paper)")
     a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
       help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points, "
            "without each image's similarity to its own caption; image")

@@ -90,3 +90,36 @@ def test_unrolled_chain_runs_trailing_steps_from_noise_with_gradients_through_ea
         ref = predicted_x0(sched, last, zz, torch.tensor([499, 499]))
         two = unrolled_x0(_LinearUNet(), sched, cond, (2, 4, 8, 8), 2, torch.Generator().manual_seed(0))
     assert torch.allclose(two, ref, atol=1e-5)
+
+
+def test_guided_output_is_the_pipelines_guidance():
+    from utils.method.denoise import guided_output
+
+    cond, uncond = torch.tensor([2.0, -1.0]), torch.tensor([1.0, 1.0])
+    assert torch.equal(guided_output(cond, uncond, 3.0), torch.tensor([4.0, -5.0]))  # 1 + 3 * (2 - 1), 1 + 3 * -2
+    assert torch.equal(guided_output(cond, uncond, 1.0), cond)
+
+
+class _CondUNet(_LinearUNet):
+    """out = w * z + b + mean(cond): the conditioning changes the output."""
+
+    def forward(self, z, t, cond):
+        self.seen.append(t.tolist())
+        return type("Out", (), {"sample": self.w * z + self.b + cond.mean()})()
+
+
+def test_unrolled_chain_with_guidance_reads_both_branches():
+    from utils.method.denoise import unrolled_x0
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                          clip_sample=False)
+    cond, uncond = torch.ones(2, 3, 8), torch.zeros(2, 3, 8)
+    unet = _CondUNet()
+    one = unrolled_x0(unet, sched, cond, (2, 4, 8, 8), 1, torch.Generator().manual_seed(0),
+                      uncond_hidden_states=uncond, guidance_scale=3.0)
+    assert len(unet.seen) == 2  # the conditional and the unconditional forward
+    z = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    # abar = 0 at t = 999: x0 = -v, v = (0.5 z + 0.1) + 3 * ((0.5 z + 0.1 + 1) - (0.5 z + 0.1)) = 0.5 z + 3.1
+    assert torch.allclose(one, -(0.5 * z + 3.1), atol=1e-5)
+    plain = unrolled_x0(_CondUNet(), sched, cond, (2, 4, 8, 8), 1, torch.Generator().manual_seed(0))
+    assert torch.allclose(plain, -(0.5 * z + 1.1), atol=1e-5)

@@ -302,3 +302,24 @@ def test_scorer_shift_changes_what_the_scorer_reads_and_nothing_else(models):
     assert all(torch.equal(plain[k], zero[k]) for k in plain)
     assert torch.equal(plain["mse"], shifted["mse"])
     assert not torch.allclose(plain["contrastive"], shifted["contrastive"])
+
+
+def test_edge_guidance_scores_the_guided_prediction(models):
+    """w with the conditional states as 'unconditional' is the plain loss; with the empty caption only EDGE moves."""
+    from utils.models.sd_models import encode_prompts
+
+    c = models["comps"]
+    run = lambda uncond=None, **kw: edge_losses(  # noqa: E731
+        c.unet, c.vae, c.noise_scheduler, models["scorer"], models["pixels"], models["captions"], models["hidden"],
+        _cfg(c, lambda_mse=0.5, **kw), torch.Generator().manual_seed(7), uncond_hidden_states=uncond)
+    with torch.no_grad():
+        empty = encode_prompts(c.text_encoder, c.tokenizer, [""])
+        plain = run()
+        same = run(models["hidden"], edge_guidance_scale=3.0)
+        guided = run(empty, edge_guidance_scale=3.0)
+    for k in ("loss", "contrastive", "diversity", "mse"):
+        assert torch.allclose(plain[k], same[k], atol=1e-5), k
+    assert torch.equal(plain["mse"], guided["mse"])
+    assert not torch.allclose(plain["contrastive"], guided["contrastive"])
+    with pytest.raises(ValueError, match="uncond_hidden_states"):
+        run(None, edge_guidance_scale=3.0)

@@ -351,6 +351,38 @@ def test_unrolled_x0_runs_the_chain_from_noise_and_refuses_a_timestep_range(asse
                                             "--edge_t_min", "500")))
 
 
+def test_edge_guidance_adds_an_empty_caption_forward_and_refuses_a_scale_below_one(assets, tmp_path, monkeypatch):
+    """--edge_guidance_scale 3: per step the MSE/conditional forward, then one on the empty caption's states."""
+    from diffusers import UNet2DConditionModel
+
+    from utils.models.sd_models import encode_prompts, load_sd_components
+
+    conds = []
+    original = UNet2DConditionModel.forward
+
+    def spy(self, sample, timestep, encoder_hidden_states=None, *a, **k):
+        conds.append(encoder_hidden_states.detach().clone())
+        return original(self, sample, timestep, encoder_hidden_states, *a, **k)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", spy)
+    out = tmp_path / "run"
+    args = script.parse_args(_argv(assets, out, "--max_train_steps", "2", "--train_batch_size", "2",
+                                   "--lambda_mse", "1", "--edge_guidance_scale", "3", "--validation_steps", "0",
+                                   "--checkpointing_steps", "0"))
+    script.main(args)
+    assert len(conds) == 4
+    comps = load_sd_components(args.pretrained_model_name_or_path)
+    with torch.no_grad():
+        empty = encode_prompts(comps.text_encoder, comps.tokenizer, [""])[0]
+    for step in (0, 1):
+        cond, uncond = conds[2 * step], conds[2 * step + 1]
+        assert all(torch.allclose(u, empty, atol=1e-5) for u in uncond)
+        assert not any(torch.allclose(c, empty, atol=1e-5) for c in cond)
+    assert _log(out)[-1]["contrastive"] > 0
+    with pytest.raises(InputError, match="--edge_guidance_scale"):
+        script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--edge_guidance_scale", "0.5")))
+
+
 def test_hard_negative_batches_come_from_one_cluster_and_need_the_scorer(assets, tmp_path, monkeypatch):
     """--hard_negative_batches: the batches seen in training are the sampler's cluster-cut runs."""
     import utils.stages.hard_negatives as hn

@@ -68,12 +68,19 @@ def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, time
     raise ValueError(f"unknown prediction type '{ptype}' (choose from {', '.join(PREDICTION_TYPES)})")
 
 
+def guided_output(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: float) -> torch.Tensor:
+    """Classifier-free guidance as the SD pipeline applies it: uncond + w * (cond - uncond) (w = 1: cond)."""
+    return uncond + guidance_scale * (cond - uncond)
+
+
 def unrolled_x0(unet, scheduler, encoder_hidden_states: torch.Tensor, shape, steps: int, generator: torch.Generator,
-                clamp: float = None) -> torch.Tensor:
+                clamp: float = None, uncond_hidden_states: torch.Tensor = None,
+                guidance_scale: float = 1.0) -> torch.Tensor:
     """x0 estimate at the last step of a `steps`-step DDIM chain from pure noise, differentiable through every step.
 
-    The chain runs as sampling does (trailing timestep spacing, no guidance), conditioned on
-    `encoder_hidden_states`; the returned latent is the last step's x0 estimate (what sampling decodes).
+    The chain runs as sampling does (trailing timestep spacing), conditioned on `encoder_hidden_states`, with
+    classifier-free guidance when `uncond_hidden_states` is given and guidance_scale != 1; the returned latent is
+    the last step's x0 estimate (what sampling decodes).
     """
     from diffusers import DDIMScheduler
 
@@ -84,6 +91,8 @@ def unrolled_x0(unet, scheduler, encoder_hidden_states: torch.Tensor, shape, ste
     for i, t in enumerate(ddim.timesteps):
         ts = t.to(device).expand(z.shape[0])
         out = unet(z, ts, encoder_hidden_states).sample
+        if uncond_hidden_states is not None and guidance_scale != 1.0:
+            out = guided_output(out, unet(z, ts, uncond_hidden_states).sample, guidance_scale)
         if i == len(ddim.timesteps) - 1:
             return predicted_x0(scheduler, out.float(), z, ts, clamp=clamp)
         z = ddim.step(out, t, z).prev_sample

@@ -6,13 +6,15 @@
   pred = unet(zt, t, text_encoder(caption))                 (the noised latent, not z0)
   x0^ = predicted_x0(pred, zt, t);  img^ = vae.decode(x0^ / scaling_factor)   (with gradients)
   (with --scorer_shift s the scorer reads img^ translated by a random offset of up to s x its side)
+  (with --edge_guidance_scale w != 1 the EDGE terms read the guided prediction uncond + w * (pred - uncond),
+   uncond = unet(zt, t, text_encoder("")), as classifier-free guided sampling makes it; gradients flow through both)
   L = lambda_C * contrastive(scorer(img^), scorer(caption)) + lambda_D * diversity(...) + lambda_mse * MSE
 """
 from dataclasses import dataclass
 
 import torch
 
-from utils.method.denoise import diffusion_target, predicted_x0, unrolled_x0
+from utils.method.denoise import diffusion_target, guided_output, predicted_x0, unrolled_x0
 from utils.method.losses import (contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1,
                                  same_caption_positives)
 from utils.method.scorer_shift import random_shift
@@ -36,6 +38,11 @@ class EDGELossConfig:
     x0_unroll_steps: int = 0  # >0: EDGE terms on a K-step DDIM chain from noise (denoise.unrolled_x0)
     same_caption_positives: bool = False  # identical captions in a batch are each other's matches
     scorer_shift: float = 0.0  # >0: the scorer reads each image at a random offset up to this share of the side
+    edge_guidance_scale: float = 1.0  # !=1: EDGE terms on the classifier-free guided prediction (extra UNet forward)
+
+    @property
+    def guided(self) -> bool:
+        return self.uses_scorer and self.edge_guidance_scale != 1.0
 
     @property
     def separate_edge_timesteps(self) -> bool:
@@ -48,7 +55,8 @@ class EDGELossConfig:
 
 def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, encoder_hidden_states,
                 cfg: EDGELossConfig, generator: torch.Generator, weight_dtype=torch.float32, gatherer=None,
-                decoder=None, latent_dist=None, keep=None, noise=None, timesteps=None) -> dict:
+                decoder=None, latent_dist=None, keep=None, noise=None, timesteps=None,
+                uncond_hidden_states=None) -> dict:
     """Forward one batch and return {"loss", and each active term, "top1_i2t", "top1_t2i"} (tensors).
 
     keep: boolean mask [B] of the items that enter the contrastive and diversity terms (None: all); items
@@ -56,6 +64,7 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
     the caption the scorer would compare it with. The MSE term covers every item.
     noise, timesteps: use these instead of drawing them from `generator` (tests: one global batch split
     over processes).
+    uncond_hidden_states: the empty caption's text states ([1 or B, L, D]); needed when cfg.guided.
 
     decoder: scaled latents -> pixels for the scorer (utils.models.cheap_decode.ScorerDecoder; default: the full
     VAE decode). latent_dist: cached posterior (mean, std) of the batch (utils.stages.latent_cache) used in place
@@ -82,9 +91,15 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         out["mse"] = noise_mse_loss(model_pred, diffusion_target(noise_scheduler, latents, noise, timesteps))
         loss = loss + cfg.lambda_mse * out["mse"]
     if cfg.uses_scorer:
+        uncond = None
+        if cfg.guided:
+            if uncond_hidden_states is None:
+                raise ValueError("edge_guidance_scale != 1 needs uncond_hidden_states (the empty caption's states)")
+            uncond = uncond_hidden_states.to(encoder_hidden_states).expand(encoder_hidden_states.shape[0], -1, -1)
         if cfg.x0_unroll_steps:
             x0 = unrolled_x0(unet, noise_scheduler, encoder_hidden_states, latents.shape, cfg.x0_unroll_steps,
-                             generator, clamp=cfg.x0_clamp)
+                             generator, clamp=cfg.x0_clamp, uncond_hidden_states=uncond,
+                             guidance_scale=cfg.edge_guidance_scale)
         else:
             if cfg.separate_edge_timesteps:  # fresh noise at a timestep of the EDGE range, same latents and captions
                 lo = cfg.t_min if cfg.edge_t_min is None else cfg.edge_t_min
@@ -93,6 +108,8 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
                 noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator).to(device),
                                                   timesteps)
                 model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
+            if uncond is not None:
+                model_pred = guided_output(model_pred, unet(noisy, timesteps, uncond).sample, cfg.edge_guidance_scale)
             x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
         images = (decoder or (lambda z: vae_decode(vae, z)))(x0.to(weight_dtype))
         u = scorer.encode_image(random_shift(images, cfg.scorer_shift, generator))

@@ -78,6 +78,9 @@ def loss_config(args, world: int) -> EDGELossConfig:
     cfg.scorer_shift = float(getattr(args, "scorer_shift", 0.0) or 0.0)
     if not 0 <= cfg.scorer_shift < 0.5:
         raise fail(f"--scorer_shift is a share of the image side in [0, 0.5), got {cfg.scorer_shift}")
+    cfg.edge_guidance_scale = float(getattr(args, "edge_guidance_scale", 1.0))
+    if cfg.edge_guidance_scale < 1:
+        raise fail(f"--edge_guidance_scale is a classifier-free guidance scale >= 1, got {cfg.edge_guidance_scale}")
     if getattr(args, "hard_negative_batches", False) and not cfg.uses_scorer:
         raise fail("--hard_negative_batches clusters by the EDGE scorer: it needs --lambda_contrastive or "
                    "--lambda_diversity > 0")

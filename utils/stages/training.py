@@ -149,13 +149,15 @@ def _micro_step(s: TrainSetup, batch, epoch: int, gen: torch.Generator, global_s
         keep = None  # with gathered features every process passes a mask (the gather is collective)
         if args.caption_dropout and (s.gatherer is not None or any(dropped)):
             keep = torch.tensor([not d for d in dropped], device=accelerator.device)
-        with torch.no_grad():
-            hidden = encode_prompts(m.text_encoder, m.tokenizer, cond_captions, accelerator.device)
+        with torch.no_grad():  # the empty caption rides along when the EDGE terms read a guided prediction
+            hidden = encode_prompts(m.text_encoder, m.tokenizer, cond_captions + ([""] if s.cfg.guided else []),
+                                    accelerator.device)
+        hidden, uncond = (hidden[:-1], hidden[-1:]) if s.cfg.guided else (hidden, None)
         latent_dist = (s.data.latent_cache.lookup(batch["index"], epoch, accelerator.device)
                        if s.data.latent_cache is not None else None)
         terms = edge_losses(m.unet, m.vae, m.noise_scheduler, m.scorer, batch.get("pixel_values"), captions, hidden,
                             s.cfg, gen, s.weight_dtype, s.gatherer, decoder=m.decoder, latent_dist=latent_dist,
-                            keep=keep)
+                            keep=keep, uncond_hidden_states=uncond)
         loss = terms["loss"]
         bad = accelerator.reduce(torch.tensor([0.0 if torch.isfinite(loss) else 1.0],
                                               device=accelerator.device), reduction="sum")
