@@ -23,7 +23,7 @@ import sys
 from dataset.registry import DATASETS
 from utils.common.config import add_paper_flags, parse_args_with_recipe
 from utils.common.errors import fail, run_cli
-from utils.stages.sampling import DTYPES, IMAGE_FORMATS, SCHEDULERS
+from utils.stages.sampling import DEFAULT_GUIDANCE_SCALE, DTYPES, IMAGE_FORMATS, SCHEDULERS
 
 
 def parse_args(argv=None):
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     g.add_argument("--lora_weights", type=str, default=None, help="LoRA weights (file or folder) on the base model.")
     g.add_argument("--scheduler", choices=list(SCHEDULERS), default="default")
     g.add_argument("--num_inference_steps", type=int, default=50)
-    g.add_argument("--guidance_scale", type=float, default=7.5)
+    g.add_argument("--guidance_scale", type=float, default=DEFAULT_GUIDANCE_SCALE)
     g.add_argument("--height", type=int, default=None, help="Default: unet sample_size * VAE scale factor.")
     g.add_argument("--width", type=int, default=None, help="Default: unet sample_size * VAE scale factor.")
     g.add_argument("--negative_prompt", type=str, default=None)

@@ -36,7 +36,7 @@ from demo.run_demo import (TRAIN_RERUN, StageRunner, _caption_done, _full_epochs
                            _python, _read_json, add_stage_recipes, check_data_flags, data_flags, quick_overrides,
                            run_eval)
 from utils.common.atomic_io import atomic_write_json, atomic_write_text
-from utils.common.config import parse_args_with_recipe, save_run_config
+from utils.common.config import load_recipe, parse_args_with_recipe, save_run_config
 from utils.common.errors import fail, run_cli
 from utils.stages.train_run import has_final_model
 
@@ -49,7 +49,11 @@ VARIANTS = {
     "edge_tmin500": ["--edge_t_min", "500"],
     "edge_ensemble": ["--scorer", "{ensemble}"],
     "edge_shift": ["--scorer_shift", "0.0625"],
+    "edge_guided": ["--edge_guidance_scale", "{guidance}"],
 }
+# placeholders a variant's flags may hold, filled in once known ({ensemble}: the edge_ensemble scorer;
+# {guidance}: the guidance scale the sets are sampled at)
+FLAG_PLACEHOLDERS = ("ensemble", "guidance")
 # beyond the paper, on top of the EDGE generator: sampling flags of each set
 # ({scorer} is the EDGE scorer's folder, known once the full real row has run)
 SAMPLING_OPTIONS = {
@@ -70,6 +74,7 @@ ROW_LABELS = {
     "edge_tmin500": "EDGE, contrastive/diversity at t >= 500 only",
     "edge_ensemble": "EDGE, scorer = ensemble of the full-set models of every seed but the judge's",
     "edge_shift": "EDGE, the scorer reads each image at a random shift of up to 1/16 of its side",
+    "edge_guided": "EDGE, contrastive/diversity on the guided prediction (at the sampling guidance scale)",
     "edge_cpi2": "EDGE, cpi 2 (retrieval captions)",
     "edge_cpi5": "EDGE, cpi 5 (retrieval captions)",
     "edge_coverage": "EDGE, prompts chosen by coverage (k-means on MiniLM features)",
@@ -128,6 +133,11 @@ def parse_variants(specs) -> dict:
         if name in ROW_LABELS or name in variants:
             raise fail(f"--variant {name}: the name is taken by a built-in row")
         variants[name] = flags.split()
+        try:
+            [f.format(**dict.fromkeys(FLAG_PLACEHOLDERS, "")) for f in variants[name]]
+        except (KeyError, IndexError, ValueError) as e:
+            raise fail(f"--variant {name}: braces in its flags name a placeholder; known: "
+                       f"{', '.join('{' + k + '}' for k in FLAG_PLACEHOLDERS)} ({type(e).__name__}: {e})")
     return variants
 
 
@@ -168,6 +178,14 @@ def ensemble_seeds(args) -> list:
     return [s for s in range(args.seed, args.seed + args.seeds) if s != args.seed + 1]
 
 
+def sampling_guidance(args) -> float:
+    """The classifier-free guidance scale the rows' sets are sampled at (--sample_config, else the script's default)."""
+    from utils.stages.sampling import DEFAULT_GUIDANCE_SCALE
+
+    recipe = load_recipe(args.sample_config) if args.sample_config else {}
+    return float(recipe.get("guidance_scale", DEFAULT_GUIDANCE_SCALE))
+
+
 def sampling_source(base_model, folder) -> tuple:
     """The model and extra sampling flags for a fine-tuned folder: a pipeline, or LoRA weights on the base model."""
     folder = Path(folder)
@@ -204,6 +222,7 @@ def run_ablation(args) -> dict:
              after=["data"])
     scorer = scorer_root / f"seed_{args.seed}"
     ensemble = "+".join(f"retrieval:{scorer_root / f'seed_{s}'}" for s in ensemble_seeds(args))
+    guidance = sampling_guidance(args)
     models = {"before": Path(args.base_model)}
     for name, flags in args.variants.items():
         if name not in args.rows:
@@ -212,7 +231,7 @@ def run_ablation(args) -> dict:
         runner.run(f"train_{name}", _python("edge_diffusion_train.py") + [
             "--config", args.edge_config, *dflags, "--pretrained_model_name_or_path", args.base_model,
             "--output_dir", folder, "--scorer", f"retrieval:{scorer}", "--seed", args.seed,
-            *[f.format(ensemble=ensemble) for f in flags],
+            *[f.format(ensemble=ensemble, guidance=guidance) for f in flags],
             *args.edge_flags.split()] + quick_overrides(args, "edge"), lambda f=folder: has_final_model(f),
             after=["data", "eval_full_real"], **TRAIN_RERUN)
         models[name] = folder

@@ -32,8 +32,9 @@ def test_markdown_lists_rows_with_their_noise_and_movement():
     flagged = [line for line in markdown(args, numbers).splitlines() if line.startswith("STILL CLIMBING")]
     assert flagged == [flagged[0]] and f"{ROW_LABELS['mse_only']} rose by 4.0 r_mean (44 % of its" in flagged[0]
     # the control, the two EDGE steps, EDGE with its terms at high noise only, with an ensemble scorer and with
-    # shifted scorer inputs
-    assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500", "edge_ensemble", "edge_shift"}
+    # shifted scorer inputs, on the guided prediction
+    assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500", "edge_ensemble", "edge_shift",
+                             "edge_guided"}
     assert list(ROW_LABELS)[:2] == ["random", "random_cpi5"] and list(ROW_LABELS)[-1] == "full_real"
 
 
@@ -61,10 +62,24 @@ def test_twin_rows_pull_in_their_set_and_run_by_default_for_edge_and_coverage():
     assert row_label(args, "twin_edge") == f"real images behind the prompts of: {ROW_LABELS['edge']} (same captions)"
 
 
-@pytest.mark.parametrize("spec", ["no_flags=", "=--trainable lora", "bad name=--x 1", "edge=--x 1", "plain"])
+@pytest.mark.parametrize("spec", ["no_flags=", "=--trainable lora", "bad name=--x 1", "edge=--x 1", "plain",
+                                  "braces=--x {nope}", "brace=--x {"])
 def test_malformed_or_taken_variant_is_refused(spec):
     with pytest.raises(InputError, match="--variant"):
         parse_variants([spec])
+
+
+def test_guided_row_reads_the_sampling_guidance_scale(tmp_path):
+    from demo.ablation import sampling_guidance
+    from utils.stages.sampling import DEFAULT_GUIDANCE_SCALE
+
+    recipe = tmp_path / "sample.yaml"
+    recipe.write_text("guidance_scale: 3.0\nnum_inference_steps: 10\n")
+    assert sampling_guidance(SimpleNamespace(sample_config=str(recipe))) == 3.0
+    recipe.write_text("num_inference_steps: 10\n")
+    assert sampling_guidance(SimpleNamespace(sample_config=str(recipe))) == DEFAULT_GUIDANCE_SCALE
+    assert VARIANTS["edge_guided"] == ["--edge_guidance_scale", "{guidance}"]
+    assert parse_variants(["g5=--edge_guidance_scale {guidance} --seed 1"])["g5"][1] == "{guidance}"
 
 
 def test_unknown_row_is_refused_with_the_known_ones():
@@ -98,7 +113,7 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     monkeypatch.setattr(ablation, "StageRunner", Recorder)
     args = ablation.parse_args(["--output_dir", str(tmp_path), "--full_epochs", "1", "--rows",
                                 "random,before,mse_only,edge,edge_cpi2,edge_best4,edge_coverage_scorer,lora_edge,"
-                                "twin_edge_coverage_scorer,edge_coverage_scorer_cpi5,edge_ensemble",
+                                "twin_edge_coverage_scorer,edge_coverage_scorer_cpi5,edge_ensemble,edge_guided",
                                 "--variant", "lora_edge=--trainable lora"])
     ablation.run_ablation(args)
     assert all(after is not None for after in calls.values()), calls  # no stage falls back to "all before me"
@@ -133,6 +148,8 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     ens = cmds["train_edge_ensemble"]  # the last --scorer wins: every seed's full-set model but the judge's
     members = [str(tmp_path / "scorer" / f"seed_{s}") for s in (0, 2, 3, 4)]
     assert ens[len(ens) - 1 - ens[::-1].index("--scorer") + 1] == "+".join(f"retrieval:{m}" for m in members)
+    guided = cmds["train_edge_guided"]  # the scale the demo's sets are drawn at (configs/sample_demo.yaml)
+    assert guided[guided.index("--edge_guidance_scale") + 1] == "3.0"
     with pytest.raises(InputError, match="--seeds 3 or more"):
         ablation.parse_args(["--output_dir", str(tmp_path), "--seeds", "2", "--rows", "edge_ensemble"])
 

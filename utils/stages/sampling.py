@@ -43,6 +43,7 @@ SCHEDULERS = {
 }
 DTYPES = ("no", "fp16", "bf16")  # precisions of the sampling pipeline (torch dtypes: utils.common.precision)
 IMAGE_FORMATS = {"png": "PNG"}
+DEFAULT_GUIDANCE_SCALE = 7.5  # the SD pipeline's classifier-free guidance default
 
 
 # ----------------------------------------------------------------------------- model
@@ -226,10 +227,10 @@ def _check_inputs(prompts, output_dir, num_inference_steps, image_format, batch_
 
 
 def sample_distilled_set(model, prompts, prompt_source: dict, output_dir, *, scheduler="default",
-                         num_inference_steps=50, guidance_scale=7.5, height=None, width=None, negative_prompt=None,
-                         dtype="no", seed=0, batch_size=1, lora_weights=None, overwrite=False, preview_n=16,
-                         image_format="png", channels_last=False, attention="sdpa", progress=True, best_of=1,
-                         best_of_scorer=None) -> Path:
+                         num_inference_steps=50, guidance_scale=DEFAULT_GUIDANCE_SCALE, height=None, width=None,
+                         negative_prompt=None, dtype="no", seed=0, batch_size=1, lora_weights=None, overwrite=False,
+                         preview_n=16, image_format="png", channels_last=False, attention="sdpa", progress=True,
+                         best_of=1, best_of_scorer=None) -> Path:
     """Render one image per prompt into a distilled-set folder, across all processes of the launch.
 
     Every process calls this. Process r renders blocks c with c % K == r; a rerun renders only blocks with
