@@ -3,7 +3,9 @@
 Rows (each a training set of --num_images images, evaluated with --seeds seeds):
   random real pairs; the generator before fine-tuning; fine-tuned with the noise MSE only (the control:
   same steps, learning rate and trainable set as EDGE); + contrastive; + contrastive + diversity (EDGE);
-  EDGE with cpi 2; the full real set (the ceiling, whose seed-0 model is the EDGE scorer). A row twin_<set>
+  EDGE with cpi 2; EDGE variants (terms at t >= 500 only, an ensemble scorer (--seeds >= 3), shifted scorer
+  inputs, terms on the guided prediction); beyond-the-paper sampling (coverage prompts, best of 4, cpi 5);
+  the full real set (the ceiling, whose seed-0 model is the EDGE scorer). A row twin_<set>
   trains on the real images that set's prompts were drawn from, with the set's captions (evaluation
   --real_twin): generated against real images with everything else equal (by default for the EDGE set and
   the scorer-space coverage set).
@@ -115,7 +117,10 @@ def parse_args(argv=None):
     if not _is_pipeline(Path(args.base_model)):
         raise fail(f"--base_model {args.base_model} is not a diffusers pipeline folder (model_index.json, unet/)")
     args.variants = parse_variants(args.variant)
+    asked = args.rows
     args.rows = selected_rows(args.rows, args.variants)
+    if asked is None and args.seeds < 3:  # the default rows leave out what too few seeds cannot build
+        args.rows = [r for r in args.rows if r != "edge_ensemble"]
     if "edge_ensemble" in args.rows and args.seeds < 3:
         raise fail("--rows edge_ensemble: its scorer is the full-set models of every seed but the judge's; "
                    "it needs --seeds 3 or more")

@@ -152,6 +152,8 @@ def test_each_row_reruns_only_when_what_it_reads_ran(tmp_path, monkeypatch):
     assert guided[guided.index("--edge_guidance_scale") + 1] == "3.0"
     with pytest.raises(InputError, match="--seeds 3 or more"):
         ablation.parse_args(["--output_dir", str(tmp_path), "--seeds", "2", "--rows", "edge_ensemble"])
+    two = ablation.parse_args(["--output_dir", str(tmp_path), "--seeds", "2"])  # the default rows drop it instead
+    assert "edge_ensemble" not in two.rows and "edge_guided" in two.rows
 
 
 def test_stage_runner_redoes_a_stage_only_after_what_it_reads(tmp_path):
