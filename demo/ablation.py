@@ -175,7 +175,8 @@ def row_label(args, name: str) -> str:
         return ROW_LABELS[name]
     if name.startswith(TWIN):
         return f"real images behind the prompts of: {row_label(args, name[len(TWIN):])} (same captions)"
-    return f"{name}: fine-tuned with {' '.join(args.variants[name])}"
+    flags = " ".join(f.replace(f"{ROOT}/", "") for f in args.variants[name])  # repo paths shown relative
+    return f"{name}: fine-tuned with {flags}"
 
 
 def ensemble_seeds(args) -> list:

@@ -6,7 +6,7 @@ from types import SimpleNamespace
 import pytest
 from PIL import Image
 
-from demo.ablation import ROW_LABELS, VARIANTS, markdown, parse_variants, row_label, sampling_source, selected_rows
+from demo.ablation import ROOT, ROW_LABELS, VARIANTS, markdown, parse_variants, row_label, sampling_source, selected_rows
 from utils.common.errors import InputError
 
 
@@ -48,6 +48,8 @@ def test_variants_add_rows_before_the_full_set_and_rows_pull_in_what_they_build_
     args = SimpleNamespace(variants=variants)
     assert row_label(args, "lora_edge") == "lora_edge: fine-tuned with --trainable lora --learning_rate 1e-4"
     assert row_label(args, "edge") == ROW_LABELS["edge"]
+    args.variants["h"] = ["--pretrained_model_name_or_path", str(ROOT / "runs" / "h_sd"), "--seed", "1"]
+    assert row_label(args, "h") == "h: fine-tuned with --pretrained_model_name_or_path runs/h_sd --seed 1"
 
 
 def test_twin_rows_pull_in_their_set_and_run_by_default_for_edge_and_coverage():
