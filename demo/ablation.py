@@ -299,7 +299,7 @@ def run_ablation(args) -> dict:
 def collect(args, info) -> dict:
     """The ablation's numbers: retrieval per row, prompt following and rank per generator, weight movement."""
     from demo.measure_prompt_following import measure
-    from demo.prompt_rank import measure_prompt_rank, real_test_items
+    from demo.prompt_rank import measure_prompt_ranks, real_test_items
 
     out = info["out"]
     evaluated_as = info.get("evaluated_as", {})
@@ -314,9 +314,10 @@ def collect(args, info) -> dict:
     real = real_test_items(dataset, ann_root, args.images, n=args.follow_samples)
     named = {labels[k]: v for k, v in info["follow"].items()}
     block = min(100, args.follow_samples)
-    rank = measure_prompt_rank(f"retrieval:{info['judge']}", named, real, block=block)
-    # the same share read by the EDGE scorer: a gain it sees and the judge does not is a fit to the scorer
-    scorer_rank = measure_prompt_rank(f"retrieval:{info['scorer']}", named, real, block=block)
+    # the same share read by the EDGE scorer too: a gain it sees and the judge does not is a fit to the scorer
+    ranks = measure_prompt_ranks({"judge": f"retrieval:{info['judge']}", "scorer": f"retrieval:{info['scorer']}"},
+                                 named, real, block=block)
+    rank, scorer_rank = ranks["judge"], ranks["scorer"]
     moved = {}
     for name in args.variants:
         if name not in info["models"]:

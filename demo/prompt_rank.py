@@ -58,19 +58,28 @@ def real_test_items(dataset: str, ann_root, image_root=None, n: int = 300, keep=
 
 def measure_prompt_rank(scorer_spec: str, sets: dict, real: tuple = None, block: int = 100) -> dict:
     """{row name: prompt_rank_share} for real (images, prompts) and each distilled set folder of `sets`."""
+    return measure_prompt_ranks({"rank": scorer_spec}, sets, real, block)["rank"]
+
+
+def measure_prompt_ranks(scorer_specs: dict, sets: dict, real: tuple = None, block: int = 100) -> dict:
+    """{key: measure_prompt_rank(spec)} for each key -> scorer spec of `scorer_specs`, every set's images read once."""
     from pathlib import Path
 
     from dataset.distilled import read_distilled_set
     from dataset.images import load_image
     from utils.models.scorers import build_scorer
 
-    scorer = build_scorer(scorer_spec)
-    size = int(scorer.image_size[0])
-    rows = {}
+    items = {}
     if real:
-        rows["real test images"] = prompt_rank_share(scorer, real[0], real[1], size, block)
+        items["real test images"] = real
     for name, folder in sets.items():
         ds = read_distilled_set(folder)
-        images = [load_image(Path(folder) / r["image"]) for r in ds.records]
-        rows[name] = prompt_rank_share(scorer, images, [r["captions"][0] for r in ds.records], size, block)
-    return rows
+        items[name] = ([load_image(Path(folder) / r["image"]) for r in ds.records],
+                       [r["captions"][0] for r in ds.records])
+    out = {}
+    for key, spec in scorer_specs.items():
+        scorer = build_scorer(spec)
+        size = int(scorer.image_size[0])
+        out[key] = {name: prompt_rank_share(scorer, images, prompts, size, block)
+                    for name, (images, prompts) in items.items()}
+    return out
