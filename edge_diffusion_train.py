@@ -120,6 +120,9 @@ def _objective_flags(a) -> None:
       help="w != 1: the EDGE terms score the classifier-free guided prediction uncond + w * (cond - uncond) (an "
            "extra UNet forward on the empty caption), as sampling at that guidance scale draws; 1: the "
            "conditional prediction only (the paper)")
+    a("--edge_guidance_frozen_uncond", action="store_true",
+      help="with --edge_guidance_scale: the guided prediction's unconditional part carries no gradient, so the "
+           "EDGE terms move the trainable set through the conditional prediction only")
     a("--diversity_on", choices=DIVERSITY_MODES, default="image_text",
       help="image_text: joint [image, text] vector per pair (public code); image_text_stacked: 2B points, "
            "without each image's similarity to its own caption; image")

@@ -123,3 +123,20 @@ def test_unrolled_chain_with_guidance_reads_both_branches():
     assert torch.allclose(one, -(0.5 * z + 3.1), atol=1e-5)
     plain = unrolled_x0(_CondUNet(), sched, cond, (2, 4, 8, 8), 1, torch.Generator().manual_seed(0))
     assert torch.allclose(plain, -(0.5 * z + 1.1), atol=1e-5)
+
+
+def test_frozen_unconditional_branch_carries_no_gradient():
+    """guided = (1 - w) uncond + w cond: d/db is (1 - w) + w = 1 with both branches, w with the uncond frozen."""
+    from utils.method.denoise import unrolled_x0
+
+    sched = DDPMScheduler(num_train_timesteps=1000, prediction_type="v_prediction", rescale_betas_zero_snr=True,
+                          clip_sample=False)
+    cond, uncond = torch.ones(2, 3, 8), torch.zeros(2, 3, 8)
+    grads = {}
+    for frozen in (False, True):
+        unet = _CondUNet()
+        x0 = unrolled_x0(unet, sched, cond, (2, 4, 8, 8), 1, torch.Generator().manual_seed(0),
+                         uncond_hidden_states=uncond, guidance_scale=3.0, frozen_uncond=frozen)
+        x0.sum().backward()  # x0 = -v at t = 999
+        grads[frozen] = unet.b.grad.item()
+    assert grads[False] == pytest.approx(-512.0) and grads[True] == pytest.approx(-3 * 512.0)

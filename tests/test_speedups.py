@@ -323,3 +323,13 @@ def test_edge_guidance_scores_the_guided_prediction(models):
     assert not torch.allclose(plain["contrastive"], guided["contrastive"])
     with pytest.raises(ValueError, match="uncond_hidden_states"):
         run(None, edge_guidance_scale=3.0)
+    with torch.no_grad():  # freezing the unconditional branch changes the gradients only, not the loss
+        frozen = run(empty, edge_guidance_scale=3.0, edge_guidance_frozen_uncond=True)
+    assert torch.allclose(frozen["loss"], guided["loss"])
+    grads = []
+    for freeze in (False, True):
+        c.unet.zero_grad(set_to_none=True)
+        run(empty, edge_guidance_scale=3.0, edge_guidance_frozen_uncond=freeze)["loss"].backward()
+        grads.append(torch.cat([p.grad.flatten() for p in c.unet.parameters() if p.grad is not None]))
+    c.unet.zero_grad(set_to_none=True)
+    assert grads[1].abs().sum() > 0 and not torch.allclose(grads[0], grads[1])

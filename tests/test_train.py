@@ -381,6 +381,8 @@ def test_edge_guidance_adds_an_empty_caption_forward_and_refuses_a_scale_below_o
     assert _log(out)[-1]["contrastive"] > 0
     with pytest.raises(InputError, match="--edge_guidance_scale"):
         script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--edge_guidance_scale", "0.5")))
+    with pytest.raises(InputError, match="--edge_guidance_frozen_uncond needs --edge_guidance_scale"):
+        script.main(script.parse_args(_argv(assets, tmp_path / "bad", "--edge_guidance_frozen_uncond")))
 
 
 def test_hard_negative_batches_come_from_one_cluster_and_need_the_scorer(assets, tmp_path, monkeypatch):

@@ -75,12 +75,13 @@ def guided_output(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: floa
 
 def unrolled_x0(unet, scheduler, encoder_hidden_states: torch.Tensor, shape, steps: int, generator: torch.Generator,
                 clamp: float = None, uncond_hidden_states: torch.Tensor = None,
-                guidance_scale: float = 1.0) -> torch.Tensor:
+                guidance_scale: float = 1.0, frozen_uncond: bool = False) -> torch.Tensor:
     """x0 estimate at the last step of a `steps`-step DDIM chain from pure noise, differentiable through every step.
 
     The chain runs as sampling does (trailing timestep spacing), conditioned on `encoder_hidden_states`, with
-    classifier-free guidance when `uncond_hidden_states` is given and guidance_scale != 1; the returned latent is
-    the last step's x0 estimate (what sampling decodes).
+    classifier-free guidance when `uncond_hidden_states` is given and guidance_scale != 1 (`frozen_uncond`: its
+    unconditional predictions carry no gradient); the returned latent is the last step's x0 estimate (what
+    sampling decodes).
     """
     from diffusers import DDIMScheduler
 
@@ -92,7 +93,9 @@ def unrolled_x0(unet, scheduler, encoder_hidden_states: torch.Tensor, shape, ste
         ts = t.to(device).expand(z.shape[0])
         out = unet(z, ts, encoder_hidden_states).sample
         if uncond_hidden_states is not None and guidance_scale != 1.0:
-            out = guided_output(out, unet(z, ts, uncond_hidden_states).sample, guidance_scale)
+            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_uncond):
+                uncond_out = unet(z, ts, uncond_hidden_states).sample
+            out = guided_output(out, uncond_out, guidance_scale)
         if i == len(ddim.timesteps) - 1:
             return predicted_x0(scheduler, out.float(), z, ts, clamp=clamp)
         z = ddim.step(out, t, z).prev_sample

@@ -7,7 +7,8 @@
   x0^ = predicted_x0(pred, zt, t);  img^ = vae.decode(x0^ / scaling_factor)   (with gradients)
   (with --scorer_shift s the scorer reads img^ translated by a random offset of up to s x its side)
   (with --edge_guidance_scale w != 1 the EDGE terms read the guided prediction uncond + w * (pred - uncond),
-   uncond = unet(zt, t, text_encoder("")), as classifier-free guided sampling makes it; gradients flow through both)
+   uncond = unet(zt, t, text_encoder("")), as classifier-free guided sampling makes it; gradients flow through both,
+   or with --edge_guidance_frozen_uncond through the conditional prediction only)
   L = lambda_C * contrastive(scorer(img^), scorer(caption)) + lambda_D * diversity(...) + lambda_mse * MSE
 """
 from dataclasses import dataclass
@@ -39,6 +40,7 @@ class EDGELossConfig:
     same_caption_positives: bool = False  # identical captions in a batch are each other's matches
     scorer_shift: float = 0.0  # >0: the scorer reads each image at a random offset up to this share of the side
     edge_guidance_scale: float = 1.0  # !=1: EDGE terms on the classifier-free guided prediction (extra UNet forward)
+    edge_guidance_frozen_uncond: bool = False  # the guided prediction's unconditional part carries no gradient
 
     @property
     def guided(self) -> bool:
@@ -99,7 +101,7 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
         if cfg.x0_unroll_steps:
             x0 = unrolled_x0(unet, noise_scheduler, encoder_hidden_states, latents.shape, cfg.x0_unroll_steps,
                              generator, clamp=cfg.x0_clamp, uncond_hidden_states=uncond,
-                             guidance_scale=cfg.edge_guidance_scale)
+                             guidance_scale=cfg.edge_guidance_scale, frozen_uncond=cfg.edge_guidance_frozen_uncond)
         else:
             if cfg.separate_edge_timesteps:  # fresh noise at a timestep of the EDGE range, same latents and captions
                 lo = cfg.t_min if cfg.edge_t_min is None else cfg.edge_t_min
@@ -109,7 +111,9 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
                                                   timesteps)
                 model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
             if uncond is not None:
-                model_pred = guided_output(model_pred, unet(noisy, timesteps, uncond).sample, cfg.edge_guidance_scale)
+                with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.edge_guidance_frozen_uncond):
+                    uncond_pred = unet(noisy, timesteps, uncond).sample
+                model_pred = guided_output(model_pred, uncond_pred, cfg.edge_guidance_scale)
             x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
         images = (decoder or (lambda z: vae_decode(vae, z)))(x0.to(weight_dtype))
         u = scorer.encode_image(random_shift(images, cfg.scorer_shift, generator))

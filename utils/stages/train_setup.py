@@ -81,6 +81,9 @@ def loss_config(args, world: int) -> EDGELossConfig:
     cfg.edge_guidance_scale = float(getattr(args, "edge_guidance_scale", 1.0))
     if cfg.edge_guidance_scale < 1:
         raise fail(f"--edge_guidance_scale is a classifier-free guidance scale >= 1, got {cfg.edge_guidance_scale}")
+    cfg.edge_guidance_frozen_uncond = bool(getattr(args, "edge_guidance_frozen_uncond", False))
+    if cfg.edge_guidance_frozen_uncond and not cfg.guided:
+        raise fail("--edge_guidance_frozen_uncond needs --edge_guidance_scale other than 1 (and the EDGE terms on)")
     if getattr(args, "hard_negative_batches", False) and not cfg.uses_scorer:
         raise fail("--hard_negative_batches clusters by the EDGE scorer: it needs --lambda_contrastive or "
                    "--lambda_diversity > 0")
