@@ -51,7 +51,8 @@ ablation: install
 	$(PY) -m demo.ablation --output_dir outputs/ablation --seeds 5 --eval_config configs/ablation_eval.yaml
 
 # The same rows on a generator with headroom: the demo generator's UNet rebuilt for 1000 instead of 2000 steps
-# on the shipped VAE (it draws the shape of 88 % of its prompts), then the control and EDGE from it:
+# on the shipped VAE (it draws the shape of 88 % of its prompts), then the control, EDGE and EDGE on the guided
+# x0 of a 4-step chain (about 20-35 min of training on 2 cores) from it:
 # outputs/ablation_headroom/ablation.md (docs/ablation_demo.md, "A generator with headroom").
 .PHONY: ablation-headroom
 runs/headroom_sd/model_index.json: | install
@@ -60,4 +61,4 @@ runs/headroom_sd/model_index.json: | install
 		--output_dir runs/headroom_sd --vae_from assets/demo_sd --pretrain_steps 1000
 ablation-headroom: install runs/headroom_sd/model_index.json
 	$(PY) -m demo.ablation --output_dir outputs/ablation_headroom --base_model runs/headroom_sd --seeds 5 \
-		--eval_config configs/ablation_eval.yaml --rows random,before,mse_only,edge,twin_edge
+		--eval_config configs/ablation_eval.yaml --rows random,before,mse_only,edge,edge_guided_unroll4,twin_edge

@@ -4,7 +4,7 @@ Rows (each a training set of --num_images images, evaluated with --seeds seeds):
   random real pairs; the generator before fine-tuning; fine-tuned with the noise MSE only (the control:
   same steps, learning rate and trainable set as EDGE); + contrastive; + contrastive + diversity (EDGE);
   EDGE with cpi 2; EDGE variants (terms at t >= 500 only, an ensemble scorer (--seeds >= 3), shifted scorer
-  inputs, terms on the guided prediction); beyond-the-paper sampling (coverage prompts, best of 4, cpi 5);
+  inputs, terms on the guided prediction, one-step or of a 4-step chain); beyond-the-paper sampling (coverage prompts, best of 4, cpi 5);
   the full real set (the ceiling, whose seed-0 model is the EDGE scorer). A row twin_<set>
   trains on the real images that set's prompts were drawn from, with the set's captions (evaluation
   --real_twin): generated against real images with everything else equal (by default for the EDGE set and
@@ -52,6 +52,7 @@ VARIANTS = {
     "edge_ensemble": ["--scorer", "{ensemble}"],
     "edge_shift": ["--scorer_shift", "0.0625"],
     "edge_guided": ["--edge_guidance_scale", "{guidance}"],
+    "edge_guided_unroll4": ["--edge_guidance_scale", "{guidance}", "--x0_unroll_steps", "4"],
 }
 # placeholders a variant's flags may hold, filled in once known ({ensemble}: the edge_ensemble scorer;
 # {guidance}: the guidance scale the sets are sampled at)
@@ -77,6 +78,7 @@ ROW_LABELS = {
     "edge_ensemble": "EDGE, scorer = ensemble of the full-set models of every seed but the judge's",
     "edge_shift": "EDGE, the scorer reads each image at a random shift of up to 1/16 of its side",
     "edge_guided": "EDGE, contrastive/diversity on the guided prediction (at the sampling guidance scale)",
+    "edge_guided_unroll4": "EDGE, contrastive/diversity on the guided x0 of a 4-step chain from noise",
     "edge_cpi2": "EDGE, cpi 2 (retrieval captions)",
     "edge_cpi5": "EDGE, cpi 5 (retrieval captions)",
     "edge_coverage": "EDGE, prompts chosen by coverage (k-means on MiniLM features)",

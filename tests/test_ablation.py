@@ -34,7 +34,7 @@ def test_markdown_lists_rows_with_their_noise_and_movement():
     # the control, the two EDGE steps, EDGE with its terms at high noise only, with an ensemble scorer and with
     # shifted scorer inputs, on the guided prediction
     assert set(VARIANTS) == {"mse_only", "contrastive", "edge", "edge_tmin500", "edge_ensemble", "edge_shift",
-                             "edge_guided"}
+                             "edge_guided", "edge_guided_unroll4"}
     assert list(ROW_LABELS)[:2] == ["random", "random_cpi5"] and list(ROW_LABELS)[-1] == "full_real"
 
 
