@@ -73,6 +73,19 @@ def guided_output(cond: torch.Tensor, uncond: torch.Tensor, guidance_scale: floa
     return uncond + guidance_scale * (cond - uncond)
 
 
+def guided_unet_output(unet, cond_output: torch.Tensor, z: torch.Tensor, timesteps: torch.Tensor,
+                       uncond_hidden_states: torch.Tensor = None, guidance_scale: float = 1.0,
+                       frozen_uncond: bool = False) -> torch.Tensor:
+    """`cond_output` (the UNet's output for `z` at `timesteps` under the caption) with classifier-free guidance:
+    one more forward on `uncond_hidden_states` (without gradient when `frozen_uncond`); unchanged when those
+    states are None or the scale is 1."""
+    if uncond_hidden_states is None or guidance_scale == 1.0:
+        return cond_output
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_uncond):
+        uncond_output = unet(z, timesteps, uncond_hidden_states).sample
+    return guided_output(cond_output, uncond_output, guidance_scale)
+
+
 def unrolled_x0(unet, scheduler, encoder_hidden_states: torch.Tensor, shape, steps: int, generator: torch.Generator,
                 clamp: float = None, uncond_hidden_states: torch.Tensor = None,
                 guidance_scale: float = 1.0, frozen_uncond: bool = False) -> torch.Tensor:
@@ -91,11 +104,8 @@ def unrolled_x0(unet, scheduler, encoder_hidden_states: torch.Tensor, shape, ste
     z = (torch.randn(tuple(shape), generator=generator) * ddim.init_noise_sigma).to(device, dtype)
     for i, t in enumerate(ddim.timesteps):
         ts = t.to(device).expand(z.shape[0])
-        out = unet(z, ts, encoder_hidden_states).sample
-        if uncond_hidden_states is not None and guidance_scale != 1.0:
-            with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen_uncond):
-                uncond_out = unet(z, ts, uncond_hidden_states).sample
-            out = guided_output(out, uncond_out, guidance_scale)
+        out = guided_unet_output(unet, unet(z, ts, encoder_hidden_states).sample, z, ts, uncond_hidden_states,
+                                 guidance_scale, frozen_uncond)
         if i == len(ddim.timesteps) - 1:
             return predicted_x0(scheduler, out.float(), z, ts, clamp=clamp)
         z = ddim.step(out, t, z).prev_sample

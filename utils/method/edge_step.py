@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from utils.method.denoise import diffusion_target, guided_output, predicted_x0, unrolled_x0
+from utils.method.denoise import diffusion_target, guided_unet_output, predicted_x0, unrolled_x0
 from utils.method.losses import (contrastive_loss, diversity_loss, noise_mse_loss, retrieval_top1,
                                  same_caption_positives)
 from utils.method.scorer_shift import random_shift
@@ -110,10 +110,8 @@ def edge_losses(unet, vae, noise_scheduler, scorer, pixel_values, captions, enco
                 noisy = noise_scheduler.add_noise(latents, torch.randn(latents.shape, generator=generator).to(device),
                                                   timesteps)
                 model_pred = unet(noisy, timesteps, encoder_hidden_states).sample
-            if uncond is not None:
-                with torch.set_grad_enabled(torch.is_grad_enabled() and not cfg.edge_guidance_frozen_uncond):
-                    uncond_pred = unet(noisy, timesteps, uncond).sample
-                model_pred = guided_output(model_pred, uncond_pred, cfg.edge_guidance_scale)
+            model_pred = guided_unet_output(unet, model_pred, noisy, timesteps, uncond, cfg.edge_guidance_scale,
+                                            cfg.edge_guidance_frozen_uncond)
             x0 = predicted_x0(noise_scheduler, model_pred.float(), noisy, timesteps, clamp=cfg.x0_clamp)
         images = (decoder or (lambda z: vae_decode(vae, z)))(x0.to(weight_dtype))
         u = scorer.encode_image(random_shift(images, cfg.scorer_shift, generator))
