@@ -36,7 +36,7 @@ from utils.common.config import parse_args_with_recipe
 from utils.common.errors import InputError, fail, run_cli
 from utils.common.seeding import derive_seed
 
-from dataset.procedural_captions import _TEMPLATES, caption_attributes, make_captions  # noqa: F401 (re-exported)
+from dataset.procedural_captions import CAPTION_STYLES, caption_attributes, make_captions  # noqa: F401 (re-exported)
 from dataset.procedural_drawing import render_scene
 
 FORMAT_VERSION = 2  # bump whenever drawing or caption code changes the output
@@ -89,6 +89,7 @@ class ProceduralSpec:
     n_test: int = 1000
     supersample: int = 4  # draw at this multiple of the resolution, then box-downsample (anti-aliasing)
     shape_scale: float = 1.0  # multiplies the small/large radii (bigger shapes stay legible at 32 px)
+    caption_style: str = "standard"  # template set of dataset.procedural_captions.CAPTION_STYLES
 
     def __post_init__(self):
         for name in ("shapes", "colours", "backgrounds"):
@@ -113,8 +114,13 @@ class ProceduralSpec:
                        f"{self.min_shapes}..{self.max_shapes}")
         if self.max_shapes > len(self.shapes) * len(self.colours):
             raise fail("procedural spec: max_shapes exceeds the number of distinct (colour, shape) pairs")
-        if self.captions_per_image < 1 or self.captions_per_image > len(_TEMPLATES):
-            raise fail(f"procedural spec: captions_per_image must be in 1..{len(_TEMPLATES)}")
+        if self.caption_style not in CAPTION_STYLES:
+            raise fail(f"procedural spec: unknown caption_style {self.caption_style}; "
+                       f"known: {', '.join(CAPTION_STYLES)}")
+        n_templates = len(CAPTION_STYLES[self.caption_style])
+        if self.captions_per_image < 1 or self.captions_per_image > n_templates:
+            raise fail(f"procedural spec: captions_per_image must be in 1..{n_templates} "
+                       f"(the {self.caption_style} caption style's templates)")
         for name in ("n_train", "n_val", "n_test"):
             if getattr(self, name) < 1:
                 raise fail(f"procedural spec: {name} must be at least 1")
@@ -127,7 +133,12 @@ class ProceduralSpec:
         return {"train": self.n_train, "val": self.n_val, "test": self.n_test}[split]
 
     def to_dict(self) -> dict:
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        data = json.loads(json.dumps(dataclasses.asdict(self)))
+        # Sets made before the option existed recorded no caption_style; leaving the default out keeps
+        # their spec.json equal to today's record, so they are still resumed rather than remade.
+        if data["caption_style"] == "standard":
+            del data["caption_style"]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict) -> "ProceduralSpec":
@@ -196,7 +207,7 @@ def generate_split(spec: ProceduralSpec, seed: int, split: str):
         rng = random.Random(derive_seed(seed, _split_offset(split) + i))
         scene = sample_scene(spec, rng)
         image = render_scene(scene, spec.resolution, spec.supersample)
-        captions = make_captions(scene, spec.captions_per_image, rng)
+        captions = make_captions(scene, spec.captions_per_image, rng, spec.caption_style)
         attributes = {"background": scene["background"],
                       "objects": [{k: o[k] for k in ("shape", "colour", "size", "position")}
                                   for o in scene["objects"]]}
@@ -357,6 +368,10 @@ def parse_args(argv=None):
     parser.add_argument("--n_test", type=int, default=d["n_test"].default)
     parser.add_argument("--shape_scale", type=float, default=d["shape_scale"].default,
                         help="Multiplies the shapes' radii (small 0.12, large 0.2 of the image side).")
+    parser.add_argument("--caption_style", type=str, default=d["caption_style"].default,
+                        choices=sorted(CAPTION_STYLES),
+                        help="Caption templates: standard (the demo data) or alternate (other sentence forms "
+                             "and size/position words).")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing, different set.")
     args = parse_args_with_recipe(parser, argv)
     for name in ("shapes", "colours", "backgrounds"):
@@ -370,7 +385,7 @@ def spec_from_args(args) -> ProceduralSpec:
     return ProceduralSpec(resolution=args.resolution, shapes=args.shapes, colours=args.colours,
                           backgrounds=args.backgrounds, min_shapes=args.min_shapes, max_shapes=args.max_shapes,
                           captions_per_image=args.captions_per_image, n_train=args.n_train, n_val=args.n_val,
-                          n_test=args.n_test, shape_scale=args.shape_scale)
+                          n_test=args.n_test, shape_scale=args.shape_scale, caption_style=args.caption_style)
 
 
 def main(args) -> Path:

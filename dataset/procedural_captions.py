@@ -1,7 +1,9 @@
 """Captions of the procedural data set: the templates that describe a scene, and the reading of a caption back.
 
 Every template names each object's colour, shape, size and coarse position (some also the background);
-`caption_attributes` reads those back (the prompt-following measure of the demo uses it).
+`caption_attributes` reads those back (the prompt-following measure of the demo uses it). Two caption styles:
+"standard" (the demo data) and "alternate" (other sentence forms and other size/position words, for a
+held-out variant whose captions no recipe was tuned on).
 """
 import random
 import re
@@ -85,20 +87,78 @@ _TEMPLATES = (_t_plain, _t_on_background, _t_there_is, _t_terse, _t_picture, _t_
               _t_position_first, _t_shape_first, _t_count)
 
 
-def make_captions(scene: dict, n: int, rng: random.Random) -> list:
-    """`n` captions from distinct templates, each naming every object's colour, shape, size and position."""
+# The alternate style: none of the standard templates' size or position words, other sentence forms.
+_ALT_SIZE_WORDS = {"small": ("tiny", "miniature"), "large": ("huge", "giant")}
+_ALT_POS_PHRASES = {
+    "left": ("towards the left", "on the left-hand side"),
+    "right": ("towards the right", "on the right-hand side"),
+    "top": ("up high", "along the top edge"),
+    "bottom": ("down low", "along the bottom edge"),
+    "center": ("in the centre", "centred"),
+}
+
+
+def _alt_size(o, rng):
+    return rng.choice(_ALT_SIZE_WORDS[o["size"]])
+
+
+def _alt_pos(o, rng):
+    return rng.choice(_ALT_POS_PHRASES[o["position"]])
+
+
+def _alt_listing(objs, rng, sep=" plus "):
+    return sep.join(f"{_a(_alt_size(o, rng))} {o['shape']} in {o['colour']} {_alt_pos(o, rng)}" for o in objs)
+
+
+def _t_alt_in_colour(objs, bg, rng):
+    return _alt_listing(objs, rng)
+
+
+def _t_alt_backdrop_showing(objs, bg, rng):
+    return f"{_a(bg)} backdrop showing " + _alt_listing(objs, rng, sep=" as well as ")
+
+
+def _t_alt_scene(objs, bg, rng):
+    items = " | ".join(f"{o['colour']} {o['shape']} ({_alt_size(o, rng)}, {_alt_pos(o, rng)})" for o in objs)
+    return f"scene: {items}; backdrop {bg}"
+
+
+def _t_alt_colour_first(objs, bg, rng):
+    return "look: " + " with ".join(f"{_a(o['colour'])} {_alt_size(o, rng)} {o['shape']} {_alt_pos(o, rng)}"
+                                    for o in objs)
+
+
+def _t_alt_where_first(objs, bg, rng):
+    return " / ".join(f"{_alt_pos(o, rng)} sits {_a(_alt_size(o, rng))} {o['colour']} {o['shape']}" for o in objs)
+
+
+def _t_alt_objects(objs, bg, rng):
+    noun = "object" if len(objs) == 1 else "objects"
+    return f"{_COUNT_WORDS[len(objs)]} {noun} drawn: " + _alt_listing(objs, rng, sep=", ")
+
+
+_ALT_TEMPLATES = (_t_alt_in_colour, _t_alt_backdrop_showing, _t_alt_scene, _t_alt_colour_first,
+                  _t_alt_where_first, _t_alt_objects)
+CAPTION_STYLES = {"standard": _TEMPLATES, "alternate": _ALT_TEMPLATES}
+
+
+def make_captions(scene: dict, n: int, rng: random.Random, style: str = "standard") -> list:
+    """`n` captions from distinct templates of `style`, each naming every object's colour, shape, size and position."""
     captions = []
-    for template in rng.sample(_TEMPLATES, n):
+    for template in rng.sample(CAPTION_STYLES[style], n):
         objs = list(scene["objects"])
         rng.shuffle(objs)
         captions.append(template(objs, scene["background"], rng))
     return captions
 
 
-# Words that name a size or a coarse position in any template (see _SIZE_WORDS, _POS_PHRASES, _POS_SHORT).
-_SIZE_READING = {"small": "small", "little": "small", "large": "large", "big": "large"}
+# Words that name a size or a coarse position in any template of either style (see _SIZE_WORDS,
+# _POS_PHRASES, _POS_SHORT and their _ALT_ counterparts).
+_SIZE_READING = {"small": "small", "little": "small", "large": "large", "big": "large",
+                 "tiny": "small", "miniature": "small", "huge": "large", "giant": "large"}
 _POSITION_READING = {"left": "left", "right": "right", "top": "top", "upper": "top", "bottom": "bottom",
-                     "lower": "bottom", "center": "center", "middle": "center"}
+                     "lower": "bottom", "center": "center", "middle": "center",
+                     "high": "top", "low": "bottom", "centre": "center", "centred": "center"}
 
 
 def caption_attributes(caption: str, spec=None) -> dict:
