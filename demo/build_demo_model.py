@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from utils.common.atomic_io import atomic_write_json
 from utils.common.config import parse_args_with_recipe
 from utils.common.errors import fail, run_cli
 
@@ -238,6 +239,27 @@ def _run(cmd) -> None:
         raise RuntimeError(f"step failed: {' '.join(cmd[1:])}")
 
 
+def _run_step(cmd, out_dir, build_record: dict) -> None:
+    """Run one training step into `out_dir`, unless it finished there before with the same command and build options.
+
+    A marker written after the step marks it finished, so an interrupted build resumes at the first unfinished
+    step (the steps take 15-30 min each on 2 cores); any other option or command re-runs the step.
+    """
+    marker = Path(out_dir) / ".build_step.json"
+    record = {"cmd": [str(c) for c in cmd[1:]], "build": build_record}
+    if marker.is_file():
+        try:
+            done = json.loads(marker.read_text(encoding="utf-8")) == record
+        except json.JSONDecodeError:
+            done = False
+        if done:
+            print(f"[build] {out_dir}: finished by an earlier run with the same options, kept", flush=True)
+            return
+        marker.unlink()
+    _run(cmd)
+    atomic_write_json(marker, record)
+
+
 def main(args) -> Path:
     """Run the build; returns the shipped folder (or the initial model with --init_only)."""
     work = Path(args.work_dir)
@@ -249,20 +271,22 @@ def main(args) -> Path:
     vae_steps = ["--max_train_steps", args.vae_steps] if args.vae_steps else []
     pre_steps = (["--max_train_steps", args.pretrain_steps, "--checkpointing_steps", "0", "--validation_steps", "0"]
                  if args.pretrain_steps else [])
+    build = {k: str(v) for k, v in sorted(vars(args).items()) if k != "output_dir"}
     if args.vae_from:
         reuse_vae(init, args.vae_from, work / "vae")
     else:
-        _run([sys.executable, "-m", "demo.pretrain_vae", "--config", args.vae_config, *data,
-              "--pretrained_model_name_or_path", init, "--output_dir", work / "vae", *vae_steps])
-    _run([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data,
-          "--pretrained_model_name_or_path", work / "vae", "--output_dir", work / "pretrained", *pre_steps])
+        _run_step([sys.executable, "-m", "demo.pretrain_vae", "--config", args.vae_config, *data,
+                   "--pretrained_model_name_or_path", init, "--output_dir", work / "vae", *vae_steps], work / "vae", build)
+    _run_step([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data,
+               "--pretrained_model_name_or_path", work / "vae", "--output_dir", work / "pretrained", *pre_steps],
+              work / "pretrained", build)
     final = work / "pretrained"
     if args.continue_steps:
         final = work / "continued"
-        _run([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data[:-3],
-              "--seed", args.seed + 1, "--overwrite_output_dir", "--pretrained_model_name_or_path", work / "pretrained",
-              "--output_dir", final, "--max_train_steps", args.continue_steps, "--lr_warmup_steps", "0",
-              "--checkpointing_steps", "200", "--validation_steps", "0"])
+        _run_step([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data[:-3],
+                   "--seed", args.seed + 1, "--overwrite_output_dir", "--pretrained_model_name_or_path",
+                   work / "pretrained", "--output_dir", final, "--max_train_steps", args.continue_steps,
+                   "--lr_warmup_steps", "0", "--checkpointing_steps", "200", "--validation_steps", "0"], final, build)
     size = export_fp16(final, args.output_dir)
     print(f"[build] {args.output_dir}: {size / 2**20:.1f} MiB")
     return Path(args.output_dir)

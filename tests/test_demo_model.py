@@ -122,7 +122,7 @@ def test_measure_prompt_following_on_real_images_only(tmp_path):
 
 
 @pytest.mark.slow
-def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_path):
+def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_path, capsys):
     from dataset.procedural import main as make_data, parse_args as data_args
     from demo.build_demo_model import main as build_main, parse_args as build_args
     from utils.models.sd_models import load_sd_pipeline
@@ -142,6 +142,15 @@ def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_pa
     assert pipe.unet.config.block_out_channels == [8, 16] and pipe.text_encoder.config.num_hidden_layers == 1
     assert pipe.vae.config.mid_block_add_attention is False
     assert not (tmp_path / "shipped.tmp").exists()
+    # an interrupted build resumes: the same command again keeps every finished training step
+    stamps = {d: (tmp_path / "work" / d / "run_config.json").stat().st_mtime_ns for d in ("pretrained", "continued")}
+    capsys.readouterr()
+    build_main(build_args(["--data", str(data), "--work_dir", str(tmp_path / "work"),
+                           "--output_dir", str(tmp_path / "shipped"), "--unet_channels", "8", "16",
+                           "--text_encoder_layers", "1", "--vae_steps", "2", "--pretrain_steps", "2",
+                           "--continue_steps", "3"]))
+    assert capsys.readouterr().out.count("finished by an earlier run with the same options, kept") == 3
+    assert stamps == {d: (tmp_path / "work" / d / "run_config.json").stat().st_mtime_ns for d in stamps}
     # --vae_from: the same build on that folder's VAE, no VAE training (its weights arrive unchanged)
     rebuilt = build_main(build_args(["--data", str(data), "--work_dir", str(tmp_path / "work2"),
                                      "--output_dir", str(tmp_path / "rebuilt"), "--unet_channels", "8", "16",
