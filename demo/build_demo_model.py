@@ -239,8 +239,9 @@ def _run(cmd) -> None:
         raise RuntimeError(f"step failed: {' '.join(cmd[1:])}")
 
 
-def _run_step(cmd, out_dir, build_record: dict) -> None:
-    """Run one training step into `out_dir`, unless it finished there before with the same command and build options.
+def _run_step(cmd, out_dir, build_record: dict, input_remade: bool = False) -> bool:
+    """Run one training step into `out_dir`, unless it finished there before with the same command and build options
+    and its input was not remade by this run (`input_remade`: an earlier step ran). Returns whether it ran.
 
     A marker written after the step marks it finished, so an interrupted build resumes at the first unfinished
     step (the steps take 15-30 min each on 2 cores); any other option or command re-runs the step.
@@ -252,12 +253,13 @@ def _run_step(cmd, out_dir, build_record: dict) -> None:
             done = json.loads(marker.read_text(encoding="utf-8")) == record
         except json.JSONDecodeError:
             done = False
-        if done:
+        if done and not input_remade:
             print(f"[build] {out_dir}: finished by an earlier run with the same options, kept", flush=True)
-            return
+            return False
         marker.unlink()
     _run(cmd)
     atomic_write_json(marker, record)
+    return True
 
 
 def main(args) -> Path:
@@ -272,21 +274,22 @@ def main(args) -> Path:
     pre_steps = (["--max_train_steps", args.pretrain_steps, "--checkpointing_steps", "0", "--validation_steps", "0"]
                  if args.pretrain_steps else [])
     build = {k: str(v) for k, v in sorted(vars(args).items()) if k != "output_dir"}
+    ran = False  # a step that ran remakes the next one's input: the steps after it run again too
     if args.vae_from:
         reuse_vae(init, args.vae_from, work / "vae")
     else:
-        _run_step([sys.executable, "-m", "demo.pretrain_vae", "--config", args.vae_config, *data,
+        ran = _run_step([sys.executable, "-m", "demo.pretrain_vae", "--config", args.vae_config, *data,
                    "--pretrained_model_name_or_path", init, "--output_dir", work / "vae", *vae_steps], work / "vae", build)
-    _run_step([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data,
-               "--pretrained_model_name_or_path", work / "vae", "--output_dir", work / "pretrained", *pre_steps],
-              work / "pretrained", build)
+    ran = _run_step([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data,
+                     "--pretrained_model_name_or_path", work / "vae", "--output_dir", work / "pretrained", *pre_steps],
+                    work / "pretrained", build, ran)
     final = work / "pretrained"
     if args.continue_steps:
         final = work / "continued"
         _run_step([sys.executable, "edge_diffusion_train.py", "--config", args.pretrain_config, *data[:-3],
                    "--seed", args.seed + 1, "--overwrite_output_dir", "--pretrained_model_name_or_path",
                    work / "pretrained", "--output_dir", final, "--max_train_steps", args.continue_steps,
-                   "--lr_warmup_steps", "0", "--checkpointing_steps", "200", "--validation_steps", "0"], final, build)
+                   "--lr_warmup_steps", "0", "--checkpointing_steps", "200", "--validation_steps", "0"], final, build, ran)
     size = export_fp16(final, args.output_dir)
     print(f"[build] {args.output_dir}: {size / 2**20:.1f} MiB")
     return Path(args.output_dir)

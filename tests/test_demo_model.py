@@ -145,12 +145,18 @@ def test_build_command_runs_every_step_and_exports_a_loadable_fp16_folder(tmp_pa
     # an interrupted build resumes: the same command again keeps every finished training step
     stamps = {d: (tmp_path / "work" / d / "run_config.json").stat().st_mtime_ns for d in ("pretrained", "continued")}
     capsys.readouterr()
-    build_main(build_args(["--data", str(data), "--work_dir", str(tmp_path / "work"),
-                           "--output_dir", str(tmp_path / "shipped"), "--unet_channels", "8", "16",
-                           "--text_encoder_layers", "1", "--vae_steps", "2", "--pretrain_steps", "2",
-                           "--continue_steps", "3"]))
+    same_build = build_args(["--data", str(data), "--work_dir", str(tmp_path / "work"),
+                             "--output_dir", str(tmp_path / "shipped"), "--unet_channels", "8", "16",
+                             "--text_encoder_layers", "1", "--vae_steps", "2", "--pretrain_steps", "2",
+                             "--continue_steps", "3"])
+    build_main(same_build)
     assert capsys.readouterr().out.count("finished by an earlier run with the same options, kept") == 3
     assert stamps == {d: (tmp_path / "work" / d / "run_config.json").stat().st_mtime_ns for d in stamps}
+    # a step that did not finish runs again, and so does every step after it (its input was remade)
+    (tmp_path / "work" / "pretrained" / ".build_step.json").unlink()
+    build_main(same_build)
+    assert capsys.readouterr().out.count("finished by an earlier run with the same options, kept") == 1  # the VAE
+    assert all(stamps[d] != (tmp_path / "work" / d / "run_config.json").stat().st_mtime_ns for d in stamps)
     # --vae_from: the same build on that folder's VAE, no VAE training (its weights arrive unchanged)
     rebuilt = build_main(build_args(["--data", str(data), "--work_dir", str(tmp_path / "work2"),
                                      "--output_dir", str(tmp_path / "rebuilt"), "--unet_channels", "8", "16",
