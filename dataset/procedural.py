@@ -10,6 +10,7 @@ Layout written under the output folder:
     annotations/procedural_train.json       Karpathy train format (one entry per caption)
     annotations/procedural_{val,test}.json  Karpathy eval format (captions_per_image each)
     annotations/procedural_attributes.json  {rel_path: {"background", "objects": [{shape, colour, size, position}]}}
+    annotations/procedural_noisy_captions.json  with --caption_noise only: {rel_path: {caption index: caption}}
     spec.json                                the spec and seed (written last: marks a complete set)
 
 Usage:
@@ -22,6 +23,7 @@ import io
 import json
 import math
 import random
+import re
 import shutil
 import sys
 import tempfile
@@ -90,6 +92,7 @@ class ProceduralSpec:
     supersample: int = 4  # draw at this multiple of the resolution, then box-downsample (anti-aliasing)
     shape_scale: float = 1.0  # multiplies the small/large radii (bigger shapes stay legible at 32 px)
     caption_style: str = "standard"  # template set of dataset.procedural_captions.CAPTION_STYLES
+    caption_noise: float = 0.0  # share of training captions that name one wrong colour or shape
 
     def __post_init__(self):
         for name in ("shapes", "colours", "backgrounds"):
@@ -126,6 +129,10 @@ class ProceduralSpec:
                 raise fail(f"procedural spec: {name} must be at least 1")
         if self.supersample < 1:
             raise fail("procedural spec: supersample must be at least 1")
+        if not 0.0 <= self.caption_noise <= 1.0:
+            raise fail(f"procedural spec: caption_noise must be in [0, 1], got {self.caption_noise}")
+        if self.caption_noise and len(self.colours) < 2 and len(self.shapes) < 2:
+            raise fail("procedural spec: caption_noise needs at least two colours or two shapes to swap")
         if not 0.5 <= self.shape_scale <= 1.5:
             raise fail(f"procedural spec: shape_scale must be in [0.5, 1.5], got {self.shape_scale}")
 
@@ -134,10 +141,12 @@ class ProceduralSpec:
 
     def to_dict(self) -> dict:
         data = json.loads(json.dumps(dataclasses.asdict(self)))
-        # Sets made before the option existed recorded no caption_style; leaving the default out keeps
+        # Sets made before these options existed recorded neither; leaving the defaults out keeps
         # their spec.json equal to today's record, so they are still resumed rather than remade.
         if data["caption_style"] == "standard":
             del data["caption_style"]
+        if data["caption_noise"] == 0.0:
+            del data["caption_noise"]
         return data
 
     @classmethod
@@ -201,17 +210,43 @@ def _split_offset(split: str) -> int:
     return SPLITS.index(split) * 1_000_000_000
 
 
+def corrupt_caption(caption: str, scene: dict, spec: ProceduralSpec, rng: random.Random) -> str:
+    """The caption with one object's colour or shape word swapped for another of the spec's values.
+
+    Models a noisy caption source: the rest of the sentence still describes the drawn scene.
+    """
+    obj = rng.choice(scene["objects"])
+    kinds = [k for k, values in (("colour", spec.colours), ("shape", spec.shapes)) if len(values) > 1]
+    kind = rng.choice(kinds)
+    values = spec.colours if kind == "colour" else spec.shapes
+    wrong = rng.choice([v for v in values if v != obj[kind]])
+    plural = r"(es|s)?" if kind == "shape" else r"()"
+    return re.sub(r"\b" + re.escape(obj[kind]) + plural + r"\b", lambda m: wrong + (m.group(1) or ""), caption)
+
+
 def generate_split(spec: ProceduralSpec, seed: int, split: str):
-    """Yield (rel_path, image, captions, attributes) for every image of a split, deterministically."""
+    """Yield (rel_path, image, captions, attributes, noisy) for every image of a split, deterministically.
+
+    `noisy` lists the indices of captions corrupted by `spec.caption_noise` (training split only: the
+    validation and test captions always name the drawn scene).
+    """
     for i in range(spec.split_size(split)):
         rng = random.Random(derive_seed(seed, _split_offset(split) + i))
         scene = sample_scene(spec, rng)
         image = render_scene(scene, spec.resolution, spec.supersample)
         captions = make_captions(scene, spec.captions_per_image, rng, spec.caption_style)
+        noisy = []
+        if spec.caption_noise and split == "train":
+            # A stream of its own, so the scene and the exact captions are those of the noise-free set.
+            noise_rng = random.Random(f"caption_noise:{seed}:{i}")
+            for j, caption in enumerate(captions):
+                if noise_rng.random() < spec.caption_noise:
+                    captions[j] = corrupt_caption(caption, scene, spec, noise_rng)
+                    noisy.append(j)
         attributes = {"background": scene["background"],
                       "objects": [{k: o[k] for k in ("shape", "colour", "size", "position")}
                                   for o in scene["objects"]]}
-        yield f"images/{split}/{i:06d}.png", image, captions, attributes
+        yield f"images/{split}/{i:06d}.png", image, captions, attributes, noisy
 
 
 def _spec_record(spec: ProceduralSpec, seed: int) -> dict:
@@ -272,16 +307,18 @@ def generate_procedural_dataset(out_dir, spec: ProceduralSpec = None, seed: int 
 
     tmp = Path(tempfile.mkdtemp(dir=out_dir, prefix=".procedural-"))
     try:
-        attributes = {}
+        attributes, noisy_captions = {}, {}
         train, evals = [], {}
         total = spec.n_train + spec.n_val + spec.n_test
         bar = tqdm(total=total, desc="procedural images", disable=not progress)
         for split in SPLITS:
             (tmp / "images" / split).mkdir(parents=True)
             evals[split] = []
-            for rel, image, captions, attrs in generate_split(spec, seed, split):
+            for rel, image, captions, attrs, noisy in generate_split(spec, seed, split):
                 (tmp / rel).write_bytes(_png_bytes(image))
                 attributes[rel] = attrs
+                if noisy:
+                    noisy_captions[rel] = {str(j): captions[j] for j in noisy}
                 if split == "train":
                     image_id = f"{split}_{Path(rel).stem}"
                     train.extend({"image": rel, "caption": c, "image_id": image_id} for c in captions)
@@ -294,6 +331,8 @@ def generate_procedural_dataset(out_dir, spec: ProceduralSpec = None, seed: int 
         _write_json(tmp / "annotations" / "procedural_val.json", evals["val"])
         _write_json(tmp / "annotations" / "procedural_test.json", evals["test"])
         _write_json(tmp / "annotations" / "procedural_attributes.json", attributes)
+        if spec.caption_noise:
+            _write_json(tmp / "annotations" / "procedural_noisy_captions.json", noisy_captions)
         (tmp / "images").rename(out_dir / "images")
         (tmp / "annotations").rename(out_dir / "annotations")
         atomic_write_json(spec_file, record)
@@ -372,6 +411,9 @@ def parse_args(argv=None):
                         choices=sorted(CAPTION_STYLES),
                         help="Caption templates: standard (the demo data) or alternate (other sentence forms "
                              "and size/position words).")
+    parser.add_argument("--caption_noise", type=float, default=d["caption_noise"].default,
+                        help="Share of training captions that name one wrong colour or shape (a noisy caption "
+                             "source; validation and test captions stay exact). Default 0.")
     parser.add_argument("--overwrite", action="store_true", help="Replace an existing, different set.")
     args = parse_args_with_recipe(parser, argv)
     for name in ("shapes", "colours", "backgrounds"):
@@ -385,7 +427,8 @@ def spec_from_args(args) -> ProceduralSpec:
     return ProceduralSpec(resolution=args.resolution, shapes=args.shapes, colours=args.colours,
                           backgrounds=args.backgrounds, min_shapes=args.min_shapes, max_shapes=args.max_shapes,
                           captions_per_image=args.captions_per_image, n_train=args.n_train, n_val=args.n_val,
-                          n_test=args.n_test, shape_scale=args.shape_scale, caption_style=args.caption_style)
+                          n_test=args.n_test, shape_scale=args.shape_scale, caption_style=args.caption_style,
+                          caption_noise=args.caption_noise)
 
 
 def main(args) -> Path:

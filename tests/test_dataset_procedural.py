@@ -217,3 +217,48 @@ def test_caption_style_default_keeps_old_spec_records_and_bad_values_fail():
         ProceduralSpec(caption_style="alternate", captions_per_image=7)
     args = parse_args(["--output_dir", "x", "--caption_style", "alternate"])
     assert args.caption_style == "alternate"
+
+
+def test_caption_noise_swaps_one_colour_or_shape_in_the_recorded_training_captions(small_set, tmp_path):
+    """--caption_noise: the drawn images, the held-out captions and every clean training caption are the
+    noise-free set's; each recorded noisy caption differs from its clean one in one colour or one shape."""
+    spec = ProceduralSpec(**dict(SMALL, n_train=200), caption_noise=0.3)
+    out = generate_procedural_dataset(tmp_path / "noisy", spec, seed=0, progress=False)
+    clean = generate_procedural_dataset(tmp_path / "clean", ProceduralSpec(**dict(SMALL, n_train=200)), seed=0,
+                                        progress=False)
+    assert read_spec(out)[0].caption_noise == 0.3
+    for split in ("val", "test"):
+        name = f"annotations/procedural_{split}.json"
+        assert (out / name).read_bytes() == (clean / name).read_bytes()
+    assert (out / "images/train/000007.png").read_bytes() == (clean / "images/train/000007.png").read_bytes()
+    noisy_record = json.loads((out / "annotations/procedural_noisy_captions.json").read_text())
+    attributes = read_attributes(out)
+    noisy_train = read_karpathy_train(out / "annotations" / "procedural_train.json")
+    clean_train = read_karpathy_train(clean / "annotations" / "procedural_train.json")
+    n_noisy, position = 0, {}
+    for noisy_entry, clean_entry in zip(noisy_train, clean_train):
+        rel = noisy_entry["image"]
+        j = position[rel] = position.get(rel, -1) + 1
+        if str(j) not in noisy_record.get(rel, {}):
+            assert noisy_entry["caption"] == clean_entry["caption"]
+            continue
+        n_noisy += 1
+        assert noisy_record[rel][str(j)] == noisy_entry["caption"]
+        got, want = caption_attributes(noisy_entry["caption"], spec), caption_attributes(clean_entry["caption"], spec)
+        assert sorted(want["colours"]) == sorted({o["colour"] for o in attributes[rel]["objects"]})
+        changed = [k for k in ("colours", "shapes") if sorted(got[k]) != sorted(want[k])]
+        assert len(changed) == 1, (noisy_entry["caption"], clean_entry["caption"])
+        assert {k: got[k] for k in ("sizes", "positions", "backgrounds")} == \
+            {k: want[k] for k in ("sizes", "positions", "backgrounds")}
+    share = n_noisy / len(noisy_train)
+    assert 0.25 < share < 0.35, share  # 1000 captions at p = 0.3: outside this is a >3-sigma event
+
+
+def test_caption_noise_default_keeps_old_spec_records_and_bad_values_fail(small_set):
+    assert "caption_noise" not in ProceduralSpec(**SMALL).to_dict()
+    assert not (small_set / "annotations/procedural_noisy_captions.json").exists()
+    with pytest.raises(InputError, match=r"caption_noise must be in \[0, 1\], got 1.5"):
+        ProceduralSpec(caption_noise=1.5)
+    with pytest.raises(InputError, match="caption_noise needs at least two colours or two shapes"):
+        ProceduralSpec(colours=("red",), shapes=("circle",), max_shapes=1, caption_noise=0.1)
+    assert parse_args(["--output_dir", "x", "--caption_noise", "0.2"]).caption_noise == 0.2
