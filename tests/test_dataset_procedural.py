@@ -92,6 +92,16 @@ def test_foreign_folder_is_refused(tmp_path):
         generate_procedural_dataset(tmp_path, ProceduralSpec(**SMALL), progress=False)
 
 
+def _assert_reads_back(caption, drawn, spec=None):
+    """The caption names every drawn object's colour, shape, size and position, and the true background if any."""
+    objects, parsed = drawn["objects"], caption_attributes(caption, spec)
+    assert sorted(parsed["colours"]) == sorted({o["colour"] for o in objects}), caption
+    assert sorted(parsed["shapes"]) == sorted({o["shape"] for o in objects}), caption
+    assert sorted(parsed["sizes"]) == sorted({o["size"] for o in objects}), caption
+    assert sorted(parsed["positions"]) == sorted({o["position"] for o in objects}), caption
+    assert parsed["backgrounds"] in ([], [drawn["background"]]), caption
+
+
 def test_captions_name_exactly_the_drawn_colours_and_shapes(small_set):
     attributes = read_attributes(small_set)
     train = read_karpathy_train(small_set / "annotations" / "procedural_train.json")
@@ -101,16 +111,10 @@ def test_captions_name_exactly_the_drawn_colours_and_shapes(small_set):
     for rel, caption in pairs:
         objects = attributes[rel]["objects"]
         n_multi += len(objects) > 1
-        parsed = caption_attributes(caption)
-        assert sorted(parsed["colours"]) == sorted({o["colour"] for o in objects}), caption
-        assert sorted(parsed["shapes"]) == sorted({o["shape"] for o in objects}), caption
+        _assert_reads_back(caption, attributes[rel])
         for o in objects:
             size_words = {"small": ("small", "little"), "large": ("large", "big")}[o["size"]]
             assert any(re.search(rf"\b{w}\b", caption) for w in size_words), caption
-        # every caption names every object's size and position, and the true background if any
-        assert sorted(parsed["sizes"]) == sorted({o["size"] for o in objects}), caption
-        assert sorted(parsed["positions"]) == sorted({o["position"] for o in objects}), caption
-        assert parsed["backgrounds"] in ([], [attributes[rel]["background"]]), caption
     assert n_multi > 0, "the default spec must produce multi-shape images"
     assert image_attributes(small_set, "images/test/000000.png") == attributes["images/test/000000.png"]
     with pytest.raises(InputError, match="no entry for images/test/999999.png"):
@@ -193,14 +197,9 @@ def test_alternate_caption_style_names_the_drawn_scene_in_other_words(tmp_path):
     standard_words = re.compile(r"\b(small|little|large|big|upper|lower|middle|center|left side|right side)\b")
     n_multi = 0
     for entry in train:
-        caption, objects = entry["caption"], attributes[entry["image"]]["objects"]
-        n_multi += len(objects) > 1
-        parsed = caption_attributes(caption, spec)
-        assert sorted(parsed["colours"]) == sorted({o["colour"] for o in objects}), caption
-        assert sorted(parsed["shapes"]) == sorted({o["shape"] for o in objects}), caption
-        assert sorted(parsed["sizes"]) == sorted({o["size"] for o in objects}), caption
-        assert sorted(parsed["positions"]) == sorted({o["position"] for o in objects}), caption
-        assert parsed["backgrounds"] in ([], [attributes[entry["image"]]["background"]]), caption
+        caption = entry["caption"]
+        n_multi += len(attributes[entry["image"]]["objects"]) > 1
+        _assert_reads_back(caption, attributes[entry["image"]], spec)
         assert not standard_words.search(caption), caption
     assert n_multi > 0
     captions_of_first = [e["caption"] for e in train if e["image"] == train[0]["image"]]
