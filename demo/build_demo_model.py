@@ -30,6 +30,7 @@ from pathlib import Path
 
 import torch
 
+from dataset.registry import splits_named_by
 from utils.common.atomic_io import atomic_write_json
 from utils.common.config import parse_args_with_recipe
 from utils.common.errors import fail, run_cli
@@ -75,12 +76,16 @@ def parse_args(argv=None):
 # ---------------------------------------------------------------- step 1: a small initial model
 
 def caption_token_ids(tokenizer, data_dir) -> set:
-    """Every WordPiece id that the captions of the annotation files use (in data_dir/annotations or data_dir)."""
+    """Every WordPiece id that the captions of the split annotation files use (in data_dir/annotations or data_dir).
+
+    Only files whose names name a split ("procedural_train.json", "test.json") are read: side files such as
+    procedural_attributes.json or procedural_noisy_captions.json are not annotation lists.
+    """
     ann_dir = Path(data_dir) / "annotations"
     if not ann_dir.is_dir():
         ann_dir = Path(data_dir)
     files = sorted(ann_dir.glob("*.json")) if ann_dir.is_dir() else []
-    files = [f for f in files if not f.name.endswith("_attributes.json")]
+    files = [f for f in files if splits_named_by(f)]
     if not files:
         raise fail(f"{ann_dir}: no annotation files (make the data with `python -m dataset.procedural`)")
     captions = set()

@@ -87,6 +87,13 @@ def test_caption_tokens_need_annotation_files(tmp_path):
     tok = AutoTokenizer.from_pretrained(minilm_path())
     with pytest.raises(InputError, match="no annotation files"):
         caption_token_ids(tok, tmp_path)
+    # side files (dicts keyed by image) are not annotation lists and are not read
+    (tmp_path / "procedural_noisy_captions.json").write_text(json.dumps({"images/0.png": {"0": "a blue star"}}))
+    with pytest.raises(InputError, match="no annotation files"):
+        caption_token_ids(tok, tmp_path)
+    (tmp_path / "test.json").write_text(json.dumps([{"image": "a.png", "caption": ["a red star"]}]))
+    assert set(tok("a red star").input_ids) <= caption_token_ids(tok, tmp_path)
+    assert tok.convert_tokens_to_ids("blue") not in caption_token_ids(tok, tmp_path)
     (tmp_path / "test.json").write_text(json.dumps([{"image": "a.png", "caption": ["a red star"]}, {"image": "b.png"}]))
     with pytest.raises(InputError, match="entry 1 has no 'caption'"):
         caption_token_ids(tok, tmp_path)
