@@ -251,6 +251,24 @@ def test_caption_noise_swaps_one_colour_or_shape_in_the_recorded_training_captio
             {k: want[k] for k in ("sizes", "positions", "backgrounds")}
     share = n_noisy / len(noisy_train)
     assert 0.25 < share < 0.35, share  # 1000 captions at p = 0.3: outside this is a >3-sigma event
+    # demo.noisy_captions flags exactly the drawn pairs whose caption is not the clean set's (same draw)
+    from demo.noisy_captions import noisy_pair_flags, pair_groups, read_noisy_captions
+
+    drawn, drawn_clean = pair_groups(out, random_n=100, seed=3), pair_groups(clean, random_n=100, seed=3)
+    assert [g["image"] for g in drawn] == [g["image"] for g in drawn_clean]
+    want = [a["captions"] != b["captions"] for a, b in zip(drawn, drawn_clean)]
+    assert noisy_pair_flags(drawn, read_noisy_captions(out)) == want and 0 < sum(want) < 100
+    with pytest.raises(InputError, match="procedural_noisy_captions.json not found"):
+        read_noisy_captions(clean)
+
+
+def test_noisy_pair_flags_by_hand():
+    from demo.noisy_captions import noisy_pair_flags
+
+    noisy = {"a.png": {"1": "a red star"}, "b.png": {"0": "a blue disc"}}
+    groups = [{"image": "a.png", "captions": ["a green star", "a red star"]},
+              {"image": "b.png", "captions": ["a red star"]}, {"image": "c.png", "captions": ["a blue disc"]}]
+    assert noisy_pair_flags(groups, noisy) == [False, True, False, False]
 
 
 def test_caption_noise_default_keeps_old_spec_records_and_bad_values_fail(small_set):
