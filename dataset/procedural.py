@@ -33,7 +33,7 @@ from pathlib import Path
 from PIL import Image
 from tqdm import tqdm
 
-from utils.common.atomic_io import atomic_write_json
+from utils.common.atomic_io import atomic_write_json, read_json
 from utils.common.config import parse_args_with_recipe
 from utils.common.errors import InputError, fail, run_cli
 from utils.common.seeding import derive_seed
@@ -43,6 +43,7 @@ from dataset.procedural_drawing import render_scene
 
 FORMAT_VERSION = 2  # bump whenever drawing or caption code changes the output
 SPLITS = ("train", "val", "test")
+NOISY_CAPTIONS_FILE = "annotations/procedural_noisy_captions.json"  # written with --caption_noise only
 
 # Saturated, well separated colours (names are the words used in captions).
 COLOUR_PALETTE = {
@@ -332,7 +333,7 @@ def generate_procedural_dataset(out_dir, spec: ProceduralSpec = None, seed: int 
         _write_json(tmp / "annotations" / "procedural_test.json", evals["test"])
         _write_json(tmp / "annotations" / "procedural_attributes.json", attributes)
         if spec.caption_noise:
-            _write_json(tmp / "annotations" / "procedural_noisy_captions.json", noisy_captions)
+            _write_json(tmp / NOISY_CAPTIONS_FILE, noisy_captions)
         (tmp / "images").rename(out_dir / "images")
         (tmp / "annotations").rename(out_dir / "annotations")
         atomic_write_json(spec_file, record)
@@ -355,6 +356,15 @@ def read_spec(out_dir) -> tuple:
 
 
 _ATTRIBUTE_CACHE = {}
+
+
+def read_noisy_captions(out_dir) -> dict:
+    """The captions `--caption_noise` corrupted: {rel_path: {caption index: caption}} (one-line error when the set
+    was made without noise)."""
+    path = Path(out_dir) / NOISY_CAPTIONS_FILE
+    if not path.is_file():
+        raise fail(f"{path} not found: {out_dir} was not made with `dataset.procedural --caption_noise`")
+    return read_json(path)
 
 
 def read_attributes(out_dir) -> dict:

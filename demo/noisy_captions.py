@@ -11,14 +11,11 @@ Usage:
 """
 import argparse
 import sys
-from pathlib import Path
 from types import SimpleNamespace
 
+from dataset.procedural import read_noisy_captions
 from demo.prompt_following import share
-from utils.common.atomic_io import read_json
-from utils.common.errors import fail, run_cli
-
-NOISY_FILE = "annotations/procedural_noisy_captions.json"
+from utils.common.errors import run_cli
 
 
 def noisy_pair_flags(groups, noisy_captions: dict) -> list:
@@ -29,14 +26,6 @@ def noisy_pair_flags(groups, noisy_captions: dict) -> list:
         corrupted = set(noisy_captions.get(g["image"], {}).values())
         flags += [c in corrupted for c in g["captions"]]
     return flags
-
-
-def read_noisy_captions(data_dir) -> dict:
-    """The corrupted-caption list of a procedural data folder (one-line error when it was made without noise)."""
-    path = Path(data_dir) / NOISY_FILE
-    if not path.is_file():
-        raise fail(f"{path} not found: {data_dir} was not made with `dataset.procedural --caption_noise`")
-    return read_json(path)
 
 
 def pair_groups(data_dir, set_dir=None, random_n=None, seed: int = 0) -> list:

@@ -252,7 +252,8 @@ def test_caption_noise_swaps_one_colour_or_shape_in_the_recorded_training_captio
     share = n_noisy / len(noisy_train)
     assert 0.25 < share < 0.35, share  # 1000 captions at p = 0.3: outside this is a >3-sigma event
     # demo.noisy_captions flags exactly the drawn pairs whose caption is not the clean set's (same draw)
-    from demo.noisy_captions import noisy_pair_flags, pair_groups, read_noisy_captions
+    from dataset.procedural import read_noisy_captions
+    from demo.noisy_captions import noisy_pair_flags, pair_groups
 
     drawn, drawn_clean = pair_groups(out, random_n=100, seed=3), pair_groups(clean, random_n=100, seed=3)
     assert [g["image"] for g in drawn] == [g["image"] for g in drawn_clean]
