@@ -66,9 +66,11 @@ ablation-headroom: install runs/headroom_sd/model_index.json
 # The carry-over check: a held-out procedural variant (kept out of all tuning) with its own generator built
 # the same way as the headroom one (own VAE: the demo VAE reconstructs these colours badly), then the same rows
 # with the recipe unchanged. HOLDOUT=holdout (configs/demo_data_holdout.yaml: other colours, shapes and
-# backgrounds) or HOLDOUT=holdout_captions (the same with other caption templates too):
+# backgrounds), HOLDOUT=holdout_captions (the same with other caption templates too) or HOLDOUT=holdout_noisy
+# (with 30 % wrong training captions; run it with HOLDOUT_ROWS=random,before,twin_before,mse_only,edge_guided_unroll4):
 # outputs/ablation_$(HOLDOUT)_mid/ablation.md (docs/ablation_demo.md, "The same on the held-out variant").
 HOLDOUT ?= holdout
+HOLDOUT_ROWS ?= random,before,mse_only,edge,edge_guided_unroll4
 .PHONY: ablation-holdout
 runs/$(HOLDOUT)_mid_sd/model_index.json: | install
 	$(PY) -m dataset.procedural --config configs/demo_data_$(HOLDOUT).yaml --output_dir data/$(HOLDOUT)32
@@ -77,7 +79,7 @@ runs/$(HOLDOUT)_mid_sd/model_index.json: | install
 ablation-holdout: install runs/$(HOLDOUT)_mid_sd/model_index.json
 	$(PY) -m demo.ablation --output_dir outputs/ablation_$(HOLDOUT)_mid --data_config configs/demo_data_$(HOLDOUT).yaml \
 		--base_model runs/$(HOLDOUT)_mid_sd --seeds 5 --eval_config configs/ablation_eval.yaml \
-		--rows random,before,mse_only,edge,edge_guided_unroll4
+		--rows $(HOLDOUT_ROWS)
 
 # Noisy training captions (configs/demo_data_noisy.yaml: 30 % of them name one wrong colour or shape): a
 # generator built on them by the shipped recipe (same images, so the shipped VAE), then 100 random real pairs,
