@@ -41,7 +41,7 @@ from utils.common.seeding import derive_seed
 from dataset.procedural_captions import CAPTION_STYLES, caption_attributes, make_captions  # noqa: F401 (re-exported)
 from dataset.procedural_drawing import render_scene
 
-FORMAT_VERSION = 2  # bump whenever drawing or caption code changes the output
+FORMAT_VERSION = 3  # bump whenever drawing or caption code changes the output
 SPLITS = ("train", "val", "test")
 NOISY_CAPTIONS_FILE = "annotations/procedural_noisy_captions.json"  # written with --caption_noise only
 
@@ -212,9 +212,10 @@ def _split_offset(split: str) -> int:
 
 
 def corrupt_caption(caption: str, scene: dict, spec: ProceduralSpec, rng: random.Random) -> str:
-    """The caption with one object's colour or shape word swapped for another of the spec's values.
+    """The caption with one mention of an object's colour or shape word swapped for another of the spec's values.
 
-    Models a noisy caption source: the rest of the sentence still describes the drawn scene.
+    Models a noisy caption source: the rest of the sentence still describes the drawn scene. When several
+    objects share the word, one mention is drawn. (No palette colour or shape is part of a background's name.)
     """
     obj = rng.choice(scene["objects"])
     kinds = [k for k, values in (("colour", spec.colours), ("shape", spec.shapes)) if len(values) > 1]
@@ -222,7 +223,11 @@ def corrupt_caption(caption: str, scene: dict, spec: ProceduralSpec, rng: random
     values = spec.colours if kind == "colour" else spec.shapes
     wrong = rng.choice([v for v in values if v != obj[kind]])
     plural = r"(es|s)?" if kind == "shape" else r"()"
-    return re.sub(r"\b" + re.escape(obj[kind]) + plural + r"\b", lambda m: wrong + (m.group(1) or ""), caption)
+    mentions = list(re.finditer(r"\b" + re.escape(obj[kind]) + plural + r"\b", caption))
+    if not mentions:
+        raise ValueError(f"caption {caption!r} does not name its object's {kind} {obj[kind]!r}")
+    m = mentions[0] if len(mentions) == 1 else rng.choice(mentions)  # one mention: the rng stream is unchanged
+    return caption[:m.start()] + wrong + (m.group(1) or "") + caption[m.end():]
 
 
 def generate_split(spec: ProceduralSpec, seed: int, split: str):

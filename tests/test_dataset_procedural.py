@@ -243,12 +243,16 @@ def test_caption_noise_swaps_one_colour_or_shape_in_the_recorded_training_captio
             continue
         n_noisy += 1
         assert noisy_record[rel][str(j)] == noisy_entry["caption"]
-        got, want = caption_attributes(noisy_entry["caption"], spec), caption_attributes(clean_entry["caption"], spec)
+        want = caption_attributes(clean_entry["caption"], spec)
         assert sorted(want["colours"]) == sorted({o["colour"] for o in attributes[rel]["objects"]})
-        changed = [k for k in ("colours", "shapes") if sorted(got[k]) != sorted(want[k])]
+        # exactly one word differs, and it is a colour for a colour or a shape for a shape
+        got_words, want_words = (re.findall(r"\w+", e["caption"]) for e in (noisy_entry, clean_entry))
+        assert len(got_words) == len(want_words)
+        changed = [(a, b) for a, b in zip(got_words, want_words) if a != b]
         assert len(changed) == 1, (noisy_entry["caption"], clean_entry["caption"])
-        assert {k: got[k] for k in ("sizes", "positions", "backgrounds")} == \
-            {k: want[k] for k in ("sizes", "positions", "backgrounds")}
+        (new, old), = changed
+        is_shape = [any(re.fullmatch(re.escape(k) + r"(es|s)?", w) for k in spec.shapes) for w in (new, old)]
+        assert {new, old} <= set(spec.colours) or all(is_shape), changed
     share = n_noisy / len(noisy_train)
     assert 0.25 < share < 0.35, share  # 1000 captions at p = 0.3: outside this is a >3-sigma event
     # demo.noisy_captions flags exactly the drawn pairs whose caption is not the clean set's (same draw)
@@ -261,6 +265,26 @@ def test_caption_noise_swaps_one_colour_or_shape_in_the_recorded_training_captio
     assert noisy_pair_flags(drawn, read_noisy_captions(out)) == want and 0 < sum(want) < 100
     with pytest.raises(InputError, match="procedural_noisy_captions.json not found"):
         read_noisy_captions(clean)
+
+
+def test_corrupt_caption_swaps_one_mention_only():
+    """Two objects share a colour: one mention changes, the other stays."""
+    import random
+
+    from dataset.procedural import corrupt_caption
+
+    spec = ProceduralSpec(colours=("red", "blue"), shapes=("circle",), max_shapes=2)
+    scene = {"background": "white", "objects": [{"colour": "red", "shape": "circle"},
+                                                {"colour": "red", "shape": "circle"}]}
+    caption = "a red circle and a red circle on white"
+    seen = set()
+    for seed in range(20):
+        out = corrupt_caption(caption, scene, spec, random.Random(seed))
+        assert out.count("blue") == 1 and out.count("red") == 1 and out.endswith("on white"), out
+        seen.add(out)
+    assert seen == {"a blue circle and a red circle on white", "a red circle and a blue circle on white"}
+    with pytest.raises(ValueError, match="does not name its object's"):
+        corrupt_caption("a circle on white", scene, spec, random.Random(0))
 
 
 def test_noisy_pair_flags_by_hand():
