@@ -38,7 +38,8 @@ from utils.common.config import parse_args_with_recipe
 from utils.common.errors import InputError, fail, run_cli
 from utils.common.seeding import derive_seed
 
-from dataset.procedural_captions import CAPTION_STYLES, caption_attributes, make_captions  # noqa: F401 (re-exported)
+from dataset.procedural_captions import (CAPTION_STYLES, caption_attributes, make_captions,  # noqa: F401 (re-exported)
+                                         name_pattern)
 from dataset.procedural_drawing import render_scene
 
 FORMAT_VERSION = 3  # bump whenever drawing or caption code changes the output
@@ -222,12 +223,11 @@ def corrupt_caption(caption: str, scene: dict, spec: ProceduralSpec, rng: random
     kind = rng.choice(kinds)
     values = spec.colours if kind == "colour" else spec.shapes
     wrong = rng.choice([v for v in values if v != obj[kind]])
-    plural = r"(es|s)?" if kind == "shape" else r"()"
-    mentions = list(re.finditer(r"\b" + re.escape(obj[kind]) + plural + r"\b", caption))
+    mentions = list(re.finditer(name_pattern(obj[kind], plural=kind == "shape"), caption))
     if not mentions:
         raise ValueError(f"caption {caption!r} does not name its object's {kind} {obj[kind]!r}")
     m = mentions[0] if len(mentions) == 1 else rng.choice(mentions)  # one mention: the rng stream is unchanged
-    return caption[:m.start()] + wrong + (m.group(1) or "") + caption[m.end():]
+    return caption[:m.start()] + wrong + caption[m.start() + len(obj[kind]):]  # a plural ending stays
 
 
 def generate_split(spec: ProceduralSpec, seed: int, split: str):

@@ -161,6 +161,11 @@ _POSITION_READING = {"left": "left", "right": "right", "top": "top", "upper": "t
                      "high": "top", "low": "bottom", "centre": "center", "centred": "center"}
 
 
+def name_pattern(word: str, plural: bool = False) -> str:
+    """Regex of `word` as a whole word in a caption; with `plural`, also its -s/-es form (shape names)."""
+    return r"\b" + re.escape(word) + (r"(?:es|s)?" if plural else "") + r"\b"
+
+
 def caption_attributes(caption: str, spec=None) -> dict:
     """The colours, shape kinds, sizes, positions and backgrounds a caption names, in order of first mention.
 
@@ -180,8 +185,7 @@ def caption_attributes(caption: str, spec=None) -> dict:
         """words: {word: name}; names in order of first mention, each once."""
         hits = {}
         for word, name in words.items():
-            pattern = r"\b" + re.escape(word) + (r"(?:es|s)?" if plural else "") + r"\b"
-            m = re.search(pattern, text)
+            m = re.search(name_pattern(word, plural), text)
             if m and (name not in hits or m.start() < hits[name]):
                 hits[name] = m.start()
         return [name for name, _ in sorted(hits.items(), key=lambda kv: kv[1])]
@@ -189,7 +193,7 @@ def caption_attributes(caption: str, spec=None) -> dict:
     # "light grey" and "grey gradient" share a word: match the longer names first and blank them out.
     found_backgrounds = []
     for name in sorted(backgrounds, key=len, reverse=True):
-        m = re.search(r"\b" + re.escape(name) + r"\b", text)
+        m = re.search(name_pattern(name), text)
         if m:
             found_backgrounds.append((m.start(), name))
             text = text[:m.start()] + " " * len(name) + text[m.end():]
